@@ -1,0 +1,50 @@
+"""Every difference between gunicorn versions that safe-gthread cares about.
+
+Each flag is detected once, at import, from the installed gunicorn itself (attributes
+and signatures, never version numbers), so a new gunicorn release lands in the right
+branch without an edit here. ``tests/test_compat.py`` pins what each matrix cell must
+detect.
+"""
+import platform
+
+import gunicorn
+from gunicorn import sock as gunicorn_sock
+from gunicorn.workers import gthread
+
+GUNICORN_VERSION = gunicorn.__version__
+PYTHON_VERSION = platform.python_version()
+
+#: gunicorn <= 19.6.0: ``UnixSocket.close()`` itself unlinks the path, in whichever process
+#: closes it, workers included; the first worker to restart deletes the socket file
+#: (benoitc/gunicorn#1298). 19.7.0 moved the unlink to the arbiter.
+UNIX_CLOSE_UNLINKS = "close" in vars(gunicorn_sock.UnixSocket)
+
+#: gunicorn >= 19.7.0: the arbiter's ``stop()`` unlinks through
+#: ``sock.close_sockets(listeners, unlink)``, looked up on the module at call time.
+HAS_CLOSE_SOCKETS = hasattr(gunicorn_sock, "close_sockets")
+
+#: gunicorn 19.x - 23.x: the futures-based gthread loop. When it stops it drops the
+#: requests a client already sent on its kept-alive (and, from 20.0, parked)
+#: connections. 24.0 rewrote the loop around ``set_accept_enabled`` and a method queue.
+LEGACY_GTHREAD_LOOP = not hasattr(gthread.ThreadWorker, "set_accept_enabled")
+
+#: The ThreadWorker method that serves the next request on a kept-alive connection:
+#: ``reuse_connection`` up to 19.10, ``on_client_socket_readable`` from 20.0.
+KEEPALIVE_CALLBACK = ("on_client_socket_readable"
+                      if hasattr(gthread.ThreadWorker, "on_client_socket_readable")
+                      else "reuse_connection")
+
+#: gunicorn >= 20.0 lets a subclass build the thread pool (``get_thread_pool``).
+HAS_GET_THREAD_POOL = hasattr(gthread.ThreadWorker, "get_thread_pool")
+
+
+def protections():
+    """The protections active on this gunicorn, as short phrases for the boot log line."""
+    active = []
+    if UNIX_CLOSE_UNLINKS:
+        active.append("workers never unlink the socket")
+    active.append("the arbiter unlinks only the socket it bound")
+    if LEGACY_GTHREAD_LOOP:
+        active.append("retiring workers finish kept-alive connections")
+    active.append("successor boots while its predecessor drains")
+    return active

@@ -1,0 +1,194 @@
+"""Start and stop a real gunicorn, for ``safe-gthread check`` and the tests.
+
+Each server runs in a new session on a unix socket in its own directory, with a
+generated config file; readiness is a real request against a monotonic deadline;
+failures carry the server's log; teardown ends the whole process group (SIGTERM,
+then SIGKILL), never anything by name.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from . import _load
+
+class ServerError(RuntimeError):
+    """gunicorn did not start, answer or stop as expected; the message ends with its log."""
+
+
+WORKER_CLASSES = {
+    "stock": "gthread",
+    "safe": "safe_gthread.Worker",
+}
+
+_BOOTING = re.compile(r"Booting worker with pid: (\d+)")
+_EXITING = re.compile(r"Worker exiting \(pid: (\d+)\)")
+
+
+def gunicorn_script():
+    return os.path.join(os.path.dirname(sys.executable), "gunicorn")
+
+
+class Gunicorn(object):
+    def __init__(self, directory, worker_class="safe_gthread.Worker", app="safe_gthread._app:app",
+                 guard=False, **settings):
+        self.directory = str(directory)
+        self.sock_path = os.path.join(self.directory, "gunicorn.sock")
+        self.log_path = os.path.join(self.directory, "gunicorn.log")
+        self.config_path = os.path.join(self.directory, "gunicorn_conf.py")
+        self.app = app
+        config = {"bind": "unix:" + self.sock_path, "workers": 2, "threads": 2,
+                  "worker_class": WORKER_CLASSES.get(worker_class, worker_class),
+                  "errorlog": self.log_path, "loglevel": "info", "graceful_timeout": 10,
+                  "timeout": 30, "keepalive": 2}
+        config.update(settings)
+        with open(self.config_path, "w") as fh:
+            if guard:
+                fh.write("import safe_gthread.guard\nsafe_gthread.guard.install()\n")
+            for name, value in sorted(config.items()):
+                fh.write("%s = %r\n" % (name, value))
+        self.settings = config
+        self.proc = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self, wait=True, timeout=20.0):
+        self._out = open(os.path.join(self.directory, "gunicorn.out"), "wb")
+        self.proc = subprocess.Popen(
+            [gunicorn_script(), "-c", self.config_path, "--chdir", self.directory, self.app],
+            cwd=self.directory, stdout=self._out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=20.0):
+        self.wait_for(self._serves, timeout, "gunicorn to answer on %s" % self.sock_path)
+        self.wait_for(lambda: self.booted() >= self.settings["workers"], timeout,
+                      "all workers to boot")
+
+    def _serves(self):
+        if self.proc.poll() is not None:
+            raise ServerError("gunicorn exited with %s\n%s" % (self.proc.returncode, self.log()))
+        try:
+            return _load.request(self.sock_path, timeout=2.0)[0] == 200
+        except (OSError, EOFError, ValueError):
+            return False
+
+    def serves(self):
+        try:
+            return _load.request(self.sock_path, timeout=5.0)[0] == 200
+        except (OSError, EOFError, ValueError):
+            return False
+
+    def wait_for(self, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise ServerError("timed out after %ss waiting for %s\n%s" % (timeout, what, self.log()))
+
+    def signal(self, sig):
+        os.kill(self.proc.pid, sig)
+
+    def wait_exit(self, timeout=30.0):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise ServerError("gunicorn did not exit in %ss\n%s" % (timeout, self.log()))
+
+    def stop(self):
+        """End the whole process group: SIGTERM, then SIGKILL. Safe to call twice."""
+        if self.proc is None:
+            return
+        try:
+            pgid = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            pgid = self.proc.pid
+        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(pgid):
+                self.proc.poll()
+                time.sleep(0.05)
+        self.proc.poll()
+        self._out.close()
+
+    # -- what it did ---------------------------------------------------------------------
+    def log(self):
+        parts = []
+        for name in ("gunicorn.log", "gunicorn.out"):
+            path = os.path.join(self.directory, name)
+            if os.path.exists(path):
+                with open(path, errors="replace") as fh:
+                    parts.append("--- %s ---\n%s" % (name, fh.read()[-20000:]))
+        return "\n".join(parts)
+
+    def log_text(self):
+        return self.log()
+
+    def booted(self):
+        return len(_BOOTING.findall(self._read_log()))
+
+    def worker_pids(self):
+        text = self._read_log()
+        exited = set(_EXITING.findall(text))
+        return [int(pid) for pid in _BOOTING.findall(text) if pid not in exited]
+
+    def exited(self):
+        return len(_EXITING.findall(self._read_log()))
+
+    def restarts(self):
+        return max(self.booted() - self.settings["workers"], 0)
+
+    def tracebacks(self):
+        return self.log().count("Traceback (most recent call last)")
+
+    def _read_log(self):
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def inode(self):
+        try:
+            st = os.lstat(self.sock_path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie leader still counts; reap what is ours.
+    try:
+        os.waitpid(-pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return _has_live_member(pgid)
+
+
+def _has_live_member(pgid):
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state, fields[2] the process group
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

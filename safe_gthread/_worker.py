@@ -1,0 +1,210 @@
+"""``safe_gthread.Worker``: gunicorn's gthread worker that keeps the socket and every request."""
+import logging
+import selectors
+import socket
+import time
+from concurrent import futures
+from functools import partial
+
+from gunicorn.workers.gthread import ThreadWorker
+
+from . import _compat, _handoff, guard
+from ._version import __version__
+
+#: How long a retiring worker keeps an idle kept-alive or parked connection open for
+#: a request the client may already be sending (gunicorn 27.0.1's STOP_KEEPALIVE_LINGER).
+RETIRE_LINGER = 2.0
+
+#: How long a closing connection may take to read what the peer still sends, after our
+#: FIN, before it is closed: closing with unread data would turn into a reset.
+CLOSE_DRAIN = 0.5
+
+_announced = []
+
+
+class _AnnounceRetirement(object):
+    """gunicorn >= 24: its own stop path loses nothing; only bring the successor early."""
+
+    def set_accept_enabled(self, enabled):
+        super(_AnnounceRetirement, self).set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            _handoff.announce_retirement(self)
+
+
+class _RetireWithoutLoss(object):
+    """gunicorn 19.x - 23.x: retire the way 27.0.1 does, dropping nothing.
+
+    The stock loop of these versions, once ``alive`` is False, closes its poller and
+    forgets every kept-alive connection (and, from 20.0, every accepted connection it
+    had parked until readable), although the proxy may already have sent a request
+    on it; 20.x - 23.x also close at once a connection whose response had just
+    promised keep-alive. h2o answers those requests with 502; nginx retries a GET
+    elsewhere but not a POST.
+
+    Here the stock loop and its tail still run unchanged (stop accepting, close the
+    listeners, wait for in-flight requests), but the poller's close is deferred: after
+    the tail, every connection still registered is served one more request, answered
+    with ``Connection: close``, or closed gracefully once idle for ``RETIRE_LINGER``.
+    """
+
+    def run(self):
+        poller = self.poller
+        # An instance attribute: the stock tail's ``self.poller.close()`` lands here,
+        # and no other poller call pays for an indirection.
+        poller.close = self._loop_ended
+        try:
+            super(_RetireWithoutLoss, self).run()
+            self._serve_remaining()
+        finally:
+            del poller.close
+            poller.close()
+
+    def _loop_ended(self):
+        # The loop has ended; the tail closes the listeners next. Unregister them first:
+        # epoll watches the open file, which the arbiter and our siblings still hold.
+        for listener in self.sockets:
+            try:
+                self.poller.unregister(listener)
+            except (KeyError, ValueError, OSError):
+                pass
+        # From now on every response says "Connection: close" (handle_request's own test).
+        self.max_keepalived = 0
+        _handoff.announce_retirement(self)
+
+    def finish_request(self, fs):
+        if self.alive or fs.cancelled() or fs.exception() is not None:
+            return super(_RetireWithoutLoss, self).finish_request(fs)
+        keepalive, conn = fs.result()
+        if not keepalive:
+            return super(_RetireWithoutLoss, self).finish_request(fs)
+        # The response promised keep-alive, so the client may be sending its next request
+        # already (RFC 9112 section 9.6). 20.x - 23.x close the connection here; keep it
+        # for that request, as 27.0.1 does.
+        try:
+            conn.sock.setblocking(False)
+            conn.set_timeout()
+            with self._lock:
+                self._keep.append(conn)
+                self.poller.register(conn.sock, selectors.EVENT_READ,
+                                     partial(getattr(self, _compat.KEEPALIVE_CALLBACK), conn))
+        except (OSError, ValueError, KeyError):
+            self.nr_conns -= 1
+            conn.close()
+
+    def _new_thread_pool(self):
+        if _compat.HAS_GET_THREAD_POOL:
+            return self.get_thread_pool()
+        return futures.ThreadPoolExecutor(max_workers=self.cfg.threads)
+
+    def _serve_remaining(self):
+        self.tpool = self._new_thread_pool()  # the stock tail shut its pool down
+        start = time.time()  # the legacy loop's connection timeouts use time.time()
+        linger_until = start + RETIRE_LINGER
+        deadline = start + self.cfg.graceful_timeout
+        try:
+            while True:
+                now = time.time()
+                self.notify()
+                waiting = self._waiting_connections()
+                expired = [conn for conn in waiting
+                           if min(conn.timeout or linger_until, linger_until) <= now]
+                self._forget(expired)
+                if (len(expired) == len(waiting) and not self.futures) or now >= deadline:
+                    break
+                timeout = min(1.0, max(linger_until - now, 0.0)) if waiting else 1.0
+                for key, _ in self.poller.select(min(timeout, deadline - now)):
+                    key.data(key.fileobj)
+                done, _ = futures.wait(self.futures, timeout=0)
+                for fut in done:
+                    self.futures.remove(fut)
+            self._forget(self._waiting_connections())
+        finally:
+            self.tpool.shutdown(wait=False)
+
+    def _waiting_connections(self):
+        """The connections still registered with the poller, each waiting for a request."""
+        conns = []
+        for key in list(self.poller.get_map().values()):
+            callback = key.data
+            if isinstance(callback, partial) and callback.args:
+                conns.append(callback.args[0])
+        return conns
+
+    def _forget(self, conns):
+        if not conns:
+            return
+        with self._lock:
+            for conn in conns:
+                try:
+                    self.poller.unregister(conn.sock)
+                except (KeyError, ValueError, OSError):
+                    pass
+                try:
+                    self._keep.remove(conn)
+                except ValueError:
+                    pass
+                self.nr_conns -= 1
+        close_gracefully([conn.sock for conn in conns])
+
+
+def close_gracefully(socks, drain=CLOSE_DRAIN):
+    """Send FIN on every socket, read what the peers still send for up to ``drain``
+    seconds, then close: closing a socket with unread data would reset the peer."""
+    open_socks = []
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            open_socks.append(sock)
+        except OSError:
+            sock.close()
+    deadline = time.monotonic() + drain
+    with selectors.DefaultSelector() as sel:
+        for sock in open_socks:
+            sel.register(sock, selectors.EVENT_READ)
+        while sel.get_map() and time.monotonic() < deadline:
+            for key, _ in sel.select(max(deadline - time.monotonic(), 0.0)):
+                try:
+                    data = key.fileobj.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(key.fileobj)
+    for sock in open_socks:
+        sock.close()
+
+
+_Retirement = _RetireWithoutLoss if _compat.LEGACY_GTHREAD_LOOP else _AnnounceRetirement
+
+
+class Worker(_Retirement, ThreadWorker):
+    """gunicorn's threaded worker (``gthread``) that neither deletes the unix socket nor
+    drops a request when it restarts.
+
+    Use it with ``worker_class = "safe_gthread.Worker"`` or ``-k safe_gthread.Worker``;
+    every gthread setting (``threads``, ``keepalive``, ``max_requests``,
+    ``graceful_timeout``) means what it means for the stock worker.
+
+    - When gunicorn loads the class (in the arbiter, before it binds), it installs
+      :mod:`safe_gthread.guard`: only the arbiter that bound the socket removes it,
+      at its own stop, and only if the path is still that socket.
+    - A worker that retires (``max_requests``, HUP, TERM) stops accepting at once,
+      finishes what it accepted and answers one more request on each kept-alive
+      connection with ``Connection: close`` (gunicorn 24 and later do this themselves).
+    - A worker that retires for ``max_requests`` gets its successor forked at once,
+      instead of after it has exited.
+    """
+
+    @classmethod
+    def setup(cls):
+        parent = getattr(super(Worker, cls), "setup", None)
+        if parent is not None:
+            parent()
+        guard.install()
+        _handoff.install()
+        if not _announced:
+            _announced.append(True)
+            logging.getLogger("gunicorn.error").info(
+                "safe-gthread %s on gunicorn %s (Python %s): %s.", __version__,
+                _compat.GUNICORN_VERSION, _compat.PYTHON_VERSION,
+                "; ".join(_compat.protections()))

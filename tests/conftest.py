@@ -1,0 +1,35 @@
+import os
+
+import pytest
+
+from safe_gthread._runner import Gunicorn
+
+
+@pytest.fixture
+def gunicorn_server(tmp_path):
+    """Factory: ``gunicorn_server("safe", max_requests=20)`` starts a real gunicorn on a unix
+    socket in ``tmp_path``; every server it started is ended when the test ends."""
+    started = []
+
+    def start(worker_class="safe", wait=True, **settings):
+        directory = tmp_path / ("server%d" % len(started))
+        directory.mkdir()
+        server = Gunicorn(directory, worker_class, **settings)
+        started.append(server)
+        return server.start(wait=wait)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def require_tool(name):
+    """Skip when a tool is missing on a laptop; fail under CI, where .ci/run installs it."""
+    import shutil
+    path = shutil.which(name) or next(
+        (p for p in ("/usr/sbin/" + name, "/usr/bin/" + name) if os.path.exists(p)), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("%s is not installed; .ci/run should have installed it" % name)
+        pytest.skip("%s is not installed" % name)
+    return path

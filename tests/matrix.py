@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Run the test suite on every cell of the supported matrix: one venv per cell, the
+package installed from a freshly built wheel (never the source tree).
+
+    python3 tests/matrix.py                      # every cell
+    python3 tests/matrix.py --cells 19.6.0-3.6   # some cells (gunicorn-python, comma-separated)
+    python3 tests/matrix.py -- -k restart        # extra pytest arguments after --
+
+Venvs live in .matrix/ and are reused when their pins are unchanged. The last line is
+the total over all cells: ``matrix: N passed, N failed, N skipped``.
+"""
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATRIX_DIR = os.path.join(ROOT, ".matrix")
+
+#: (gunicorn, Python): the seed's version on its Python and on the newest it runs on,
+#: the first fixed 19.x, each major line after it, and the newest on two Pythons.
+CELLS = [
+    ("19.6.0", "3.6"), ("19.6.0", "3.9"), ("19.9.0", "3.6"), ("20.1.0", "3.8"),
+    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("27.0.1", "3.12"), ("27.0.1", "3.13"),
+]
+
+
+def test_requirements(python):
+    """What the tests need besides the package, pinned to what still supports ``python``."""
+    if python == "3.6":
+        return ["pytest>=7.0,<7.1", "hypothesis>=6.31,<6.32"]
+    if python == "3.7":
+        return ["pytest>=7.4,<7.5", "hypothesis>=6.79,<6.80"]
+    return ["pytest>=8,<9", "hypothesis>=6.100,<7"]
+
+
+def find_python(version):
+    candidates = sorted(glob.glob(os.path.expanduser(
+        "~/.pyenv/versions/%s.*/bin/python%s" % (version, version))))
+    found = candidates[-1:] or [shutil.which("python" + version)]
+    if not found[0]:
+        sys.exit("matrix: no Python %s found (pyenv or PATH)" % version)
+    return found[0]
+
+
+def run(cmd, **kwargs):
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    return subprocess.run(cmd, check=True, env=env, **kwargs)
+
+
+def build_wheel(python):
+    """One wheel for every cell (pure Python, py3): built once with the host's Python."""
+    dist = os.path.join(MATRIX_DIR, "dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT],
+        stdout=subprocess.DEVNULL)
+    return glob.glob(os.path.join(dist, "safe_gthread-*.whl"))[0]
+
+
+def prepare(gunicorn, python, wheel):
+    venv = os.path.join(MATRIX_DIR, "gunicorn%s-py%s" % (gunicorn, python))
+    pins = [("gunicorn==%s" % gunicorn)] + test_requirements(python)
+    stamp = os.path.join(venv, "pins.txt")
+    bin_python = os.path.join(venv, "bin", "python")
+    if not (os.path.exists(stamp) and open(stamp).read() == "\n".join(pins)):
+        shutil.rmtree(venv, ignore_errors=True)
+        run([find_python(python), "-m", "venv", venv])
+        pip = [bin_python, "-m", "pip", "install", "-q"]
+        run(pip + ["--upgrade", "pip<22" if python == "3.6" else "pip"])
+        run(pip + pins)
+        with open(stamp, "w") as fh:
+            fh.write("\n".join(pins))
+    run([bin_python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel])
+    return venv
+
+
+def count(junit):
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    if not os.path.exists(junit):
+        totals["failed"] = 1
+        return totals
+    root = ET.parse(junit).getroot()
+    for suite in ([root] if root.tag == "testsuite" else root.findall("testsuite")):
+        tests = int(suite.get("tests", 0))
+        failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped = int(suite.get("skipped", 0))
+        totals["failed"] += failed
+        totals["skipped"] += skipped
+        totals["passed"] += tests - failed - skipped
+    return totals
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", help="comma-separated gunicorn-python cells, e.g. 19.6.0-3.6")
+    args = parser.parse_args(argv)
+    cells = CELLS
+    if args.cells:
+        wanted = [tuple(c.split("-", 1)) for c in args.cells.split(",")]
+        unknown = [c for c in wanted if c not in CELLS]
+        if unknown:
+            parser.error("unknown cell(s): %s; known: %s" % (
+                ", ".join("-".join(c) for c in unknown),
+                ", ".join("-".join(c) for c in CELLS)))
+        cells = wanted
+    os.makedirs(MATRIX_DIR, exist_ok=True)
+    wheel = build_wheel(sys.executable)
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    summary = []
+    for number, (gunicorn, python) in enumerate(cells, 1):
+        label = "gunicorn %s on Python %s" % (gunicorn, python)
+        print("\n=== [%d/%d] %s: preparing venv" % (number, len(cells), label), flush=True)
+        started = time.monotonic()
+        venv = prepare(gunicorn, python, wheel)
+        junit = os.path.join(venv, "junit.xml")
+        if os.path.exists(junit):
+            os.remove(junit)
+        print("=== [%d/%d] %s: testing" % (number, len(cells), label), flush=True)
+        # The venv's pytest script, not ``python -m pytest``: the source tree must not
+        # shadow the installed package on sys.path.
+        subprocess.run([os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider",
+                        "--junitxml", junit, "-o", "junit_family=xunit1",
+                        os.path.join(ROOT, "tests")] + extra, cwd=ROOT)
+        cell = count(junit)
+        for key in totals:
+            totals[key] += cell[key]
+        summary.append("%-32s %3d passed, %d failed, %d skipped  (%ds)" % (
+            label, cell["passed"], cell["failed"], cell["skipped"],
+            time.monotonic() - started))
+    print("\n=== matrix summary")
+    for line in summary:
+        print(line)
+    print("matrix: %(passed)d passed, %(failed)d failed, %(skipped)d skipped" % totals)
+    return 1 if totals["failed"] or not totals["passed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Every way a worker or the arbiter ends: who keeps the file, who removes it (issue 2).
+
+Stops (TERM, INT, QUIT) remove the file; everything that only replaces workers (HUP,
+TTIN, TTOU, a worker killed with SIGKILL) keeps it, the same inode, still serving.
+The stock worker is the control; on gunicorn 19.6.0 HUP and TTOU must lose the file.
+"""
+import os
+import signal
+
+import pytest
+
+from versions import STOCK_WORKERS_UNLINK
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGQUIT"])
+@pytest.mark.parametrize("worker", ["stock", "safe"])
+def test_stop_removes_the_socket(gunicorn_server, worker, sig):
+    server = gunicorn_server(worker)
+    assert server.inode() is not None
+    server.signal(getattr(signal, sig))
+    server.wait_exit()
+    assert server.inode() is None, server.log()
+    if worker == "safe":
+        assert server.tracebacks() == 0, server.log()
+        assert "FileNotFoundError" not in server.log()
+    elif STOCK_WORKERS_UNLINK and sig == "SIGTERM":
+        # The control: every stock 19.6.0 worker finds the file gone and says so.
+        assert "FileNotFoundError" in server.log(), server.log()
+
+
+def _hup(server):
+    booted = server.booted()
+    server.signal(signal.SIGHUP)
+    server.wait_for(lambda: server.booted() >= booted + server.settings["workers"], 20,
+                    "new workers after HUP")
+    server.wait_for(lambda: server.exited() >= server.settings["workers"], 20,
+                    "old workers to exit after HUP")
+
+
+def _ttin_ttou(server):
+    booted = server.booted()
+    server.signal(signal.SIGTTIN)
+    server.wait_for(lambda: server.booted() > booted, 20, "a worker after TTIN")
+    server.signal(signal.SIGTTOU)
+    server.wait_for(lambda: server.exited() >= 1, 20, "a worker to exit after TTOU")
+
+
+def _kill_worker(server):
+    booted = server.booted()
+    os.kill(server.worker_pids()[0], signal.SIGKILL)
+    server.wait_for(lambda: server.booted() > booted, 20, "a replacement after SIGKILL")
+
+
+SCENARIOS = {"SIGHUP": _hup, "SIGTTIN+SIGTTOU": _ttin_ttou, "worker SIGKILL": _kill_worker}
+#: What the stock 19.6.0 worker does to the file (the bug this library fixes).
+STOCK_19_6_LOSES = {"SIGHUP", "SIGTTIN+SIGTTOU"}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("worker", ["stock", "safe"])
+def test_worker_replacement_keeps_the_socket(gunicorn_server, worker, scenario):
+    server = gunicorn_server(worker)
+    inode = server.inode()
+    SCENARIOS[scenario](server)
+    if worker == "stock" and STOCK_WORKERS_UNLINK and scenario in STOCK_19_6_LOSES:
+        server.wait_for(lambda: server.inode() is None, 10, "the control to lose the socket")
+        return
+    assert server.inode() == inode, server.log()
+    server.wait_for(server.serves, 10, "the server to answer")
+    if worker == "safe":
+        assert server.tracebacks() == 0, server.log()
+    # A clean stop still removes it.
+    server.signal(signal.SIGTERM)
+    server.wait_exit()
+    assert server.inode() is None, server.log()
