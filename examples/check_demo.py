@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""The quick start's demo: ``safe-gthread check`` on the seed's gunicorn and the newest.
+
+Builds (or reuses) one venv per gunicorn under .matrix/, the same ones the test matrix
+uses, installs safe-gthread from this checkout, and runs ``safe-gthread check`` in
+each: gunicorn 19.6.0 on Python 3.6 (the seed's, affected) and 27.0.1 on Python 3.13
+(the newest, not affected). Extra arguments go to ``check``, e.g. ``--seconds 10``.
+"""
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import matrix  # noqa: E402  (the test matrix's venv builder)
+
+DEMO_CELLS = [("19.6.0", "3.6"), ("27.0.1", "3.13")]
+
+
+def main():
+    wheel = matrix.build_wheel(sys.executable)
+    worst = 0
+    for gunicorn, python in DEMO_CELLS:
+        print("\n=== gunicorn %s on Python %s: preparing its venv" % (gunicorn, python), flush=True)
+        venv = matrix.prepare(gunicorn, python, wheel)
+        print("=== safe-gthread check", flush=True)
+        code = subprocess.call([os.path.join(venv, "bin", "safe-gthread"), "check"] + sys.argv[1:])
+        worst = max(worst, code)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())

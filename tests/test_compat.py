@@ -1,0 +1,48 @@
+"""What _compat must detect on each gunicorn of the matrix (attrs-style: the flags are
+computed from gunicorn itself; these version facts pin them)."""
+from gunicorn.workers.gthread import ThreadWorker
+
+import safe_gthread
+from safe_gthread import _compat, _worker
+from versions import GUNICORN
+
+
+def test_unix_close_unlinks_only_up_to_19_6():
+    assert _compat.UNIX_CLOSE_UNLINKS == (GUNICORN < (19, 7))
+
+
+def test_close_sockets_from_19_7():
+    assert _compat.HAS_CLOSE_SOCKETS == (GUNICORN >= (19, 7))
+
+
+def test_legacy_loop_up_to_23():
+    assert _compat.LEGACY_GTHREAD_LOOP == (GUNICORN < (24,))
+
+
+def test_keepalive_callback_name():
+    expected = "reuse_connection" if GUNICORN < (20,) else "on_client_socket_readable"
+    assert _compat.KEEPALIVE_CALLBACK == expected
+    if _compat.LEGACY_GTHREAD_LOOP:
+        assert callable(getattr(ThreadWorker, _compat.KEEPALIVE_CALLBACK))
+
+
+def test_get_thread_pool_from_20():
+    assert _compat.HAS_GET_THREAD_POOL == (GUNICORN >= (20,))
+
+
+def test_worker_takes_the_branch_for_this_generation():
+    assert issubclass(safe_gthread.Worker, ThreadWorker)
+    legacy = issubclass(safe_gthread.Worker, _worker._RetireWithoutLoss)
+    assert legacy == _compat.LEGACY_GTHREAD_LOOP
+    assert issubclass(safe_gthread.Worker, _worker._AnnounceRetirement) == (not legacy)
+
+
+def test_boot_line_once_naming_the_protections(gunicorn_server):
+    server = gunicorn_server("safe", max_requests=5)
+    from safe_gthread import _load
+    _load.run_load(server.sock_path, seconds=20, concurrency=4, stop=lambda: server.restarts() >= 3)
+    assert server.restarts() >= 3, server.log()
+    line = "safe-gthread %s on gunicorn %s" % (safe_gthread.__version__, _compat.GUNICORN_VERSION)
+    assert server.log().count(line) == 1, server.log()
+    for phrase in _compat.protections():
+        assert phrase in server.log()
