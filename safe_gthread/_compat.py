@@ -8,6 +8,7 @@ detect.
 import platform
 
 import gunicorn
+from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 from gunicorn.workers import gthread
 
@@ -28,6 +29,24 @@ HAS_CLOSE_SOCKETS = hasattr(gunicorn_sock, "close_sockets")
 #: connections. 24.0 rewrote the loop around ``set_accept_enabled`` and a method queue.
 LEGACY_GTHREAD_LOOP = not hasattr(gthread.ThreadWorker, "set_accept_enabled")
 
+#: gunicorn >= 27.0.1: a stopping gthread worker keeps its kept-alive connections for one
+#: more request (``_cap_keepalive``, STOP_KEEPALIVE_LINGER). 24.x - 26.x close a
+#: connection whose response had just promised keep-alive, and wait for idle ones
+#: until ``graceful_timeout`` without closing them.
+GTHREAD_LINGERS_ON_STOP = hasattr(gthread.ThreadWorker, "_cap_keepalive")
+
+#: Which gthread loop this is: "legacy" (19.x - 23.x), "method-queue" (24.x - 26.x) or
+#: "graceful" (27.0.1 and later); ``safe_gthread.Worker`` picks its retirement by it.
+if LEGACY_GTHREAD_LOOP:
+    GTHREAD_GENERATION = "legacy"
+elif GTHREAD_LINGERS_ON_STOP:
+    GTHREAD_GENERATION = "graceful"
+else:
+    GTHREAD_GENERATION = "method-queue"
+
+#: 26.x: ``handle()`` returns this marker for a connection that sent nothing yet.
+GTHREAD_DEFER = getattr(gthread, "_DEFER", None)
+
 #: The ThreadWorker method that serves the next request on a kept-alive connection:
 #: ``reuse_connection`` up to 19.10, ``on_client_socket_readable`` from 20.0.
 KEEPALIVE_CALLBACK = ("on_client_socket_readable"
@@ -38,13 +57,24 @@ KEEPALIVE_CALLBACK = ("on_client_socket_readable"
 HAS_GET_THREAD_POOL = hasattr(gthread.ThreadWorker, "get_thread_pool")
 
 
+#: gunicorn >= 24.0: with ``reuse_port`` each worker binds its own listeners
+#: (``sock.create_sockets`` called from ``Arbiter.spawn_worker``) and the arbiter binds
+#: none. A worker that cannot bind must exit with the arbiter's ``WORKER_BOOT_ERROR``,
+#: which halts the arbiter; any other status only makes it spawn the next worker.
+REUSE_PORT_BINDS_IN_WORKERS = (
+    "create_sockets" in gunicorn_arbiter.Arbiter.spawn_worker.__code__.co_names)
+
+#: The status gunicorn's arbiter takes for "Worker failed to boot." (it then halts).
+WORKER_BOOT_ERROR = gunicorn_arbiter.Arbiter.WORKER_BOOT_ERROR
+
+
 def protections():
     """The protections active on this gunicorn, as short phrases for the boot log line."""
     active = []
     if UNIX_CLOSE_UNLINKS:
         active.append("workers never unlink the socket")
     active.append("the arbiter unlinks only the socket it bound")
-    if LEGACY_GTHREAD_LOOP:
+    if GTHREAD_GENERATION != "graceful":
         active.append("retiring workers finish kept-alive connections")
     active.append("successor boots while its predecessor drains")
     return active

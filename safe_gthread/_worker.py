@@ -23,12 +23,69 @@ _announced = []
 
 
 class _AnnounceRetirement(object):
-    """gunicorn >= 24: its own stop path loses nothing; only bring the successor early."""
+    """gunicorn >= 27.0.1: its own stop path loses nothing; only bring the successor early."""
 
     def set_accept_enabled(self, enabled):
         super(_AnnounceRetirement, self).set_accept_enabled(enabled)
         if not enabled and not self.alive:
-            _handoff.announce_retirement(self)
+            self._retirement_started()
+
+    def _retirement_started(self):
+        _handoff.announce_retirement(self)
+
+
+class _LingerWhileRetiring(_AnnounceRetirement):
+    """gunicorn 24.x - 26.x: give the method-queue loop 27.0.1's stop path.
+
+    Their stop path closes a connection whose response had just promised keep-alive
+    (the client may already have sent its next request on it), and waits for idle
+    kept-alive connections without ever closing them until ``graceful_timeout``.
+    Here, as in 27.0.1, such a connection is kept for one more request, answered with
+    ``Connection: close``, and every kept-alive connection is closed once idle for
+    ``RETIRE_LINGER``.
+    """
+
+    _linger_until = None
+
+    def _linger_deadline(self):
+        # Set on the first sign of retirement: a response finished after ``alive``
+        # went False may come before the loop has even noticed.
+        if self._linger_until is None:
+            self._linger_until = time.monotonic() + RETIRE_LINGER
+            for conn in self.keepalived_conns:  # one deadline for all keeps them sorted
+                conn.timeout = min(conn.timeout, self._linger_until)
+        return self._linger_until
+
+    def _retirement_started(self):
+        self._linger_deadline()
+        super(_LingerWhileRetiring, self)._retirement_started()
+
+    def finish_request(self, conn, fs):
+        if self.alive or fs.cancelled() or fs.exception():
+            return super(_LingerWhileRetiring, self).finish_request(conn, fs)
+        result = fs.result()
+        if not result or result is _compat.GTHREAD_DEFER:
+            return super(_LingerWhileRetiring, self).finish_request(conn, fs)
+        try:
+            conn.sock.setblocking(False)
+            conn.set_timeout()
+            conn.timeout = min(conn.timeout, self._linger_deadline())
+            self.keepalived_conns.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self.on_client_socket_readable, conn))
+        except (OSError, ValueError, KeyError):
+            self.nr_conns -= 1
+            conn.close()
+
+    def wait_for_and_dispatch_events(self, timeout):
+        if not self.alive:
+            # The stop path waits up to graceful_timeout for an event; wake up for the
+            # next keep-alive expiry instead, and keep telling the arbiter we live.
+            self.notify()
+            timeout = min(timeout, 1.0, max(self._linger_deadline() - time.monotonic(), 0.0))
+            if self.keepalived_conns:
+                timeout = min(timeout, max(self.keepalived_conns[0].timeout - time.monotonic(), 0.0))
+        return super(_LingerWhileRetiring, self).wait_for_and_dispatch_events(timeout)
 
 
 class _RetireWithoutLoss(object):
@@ -174,7 +231,12 @@ def close_gracefully(socks, drain=CLOSE_DRAIN):
         sock.close()
 
 
-_Retirement = _RetireWithoutLoss if _compat.LEGACY_GTHREAD_LOOP else _AnnounceRetirement
+#: The retirement this gunicorn's gthread loop needs, chosen once.
+_Retirement = {
+    "legacy": _RetireWithoutLoss,
+    "method-queue": _LingerWhileRetiring,
+    "graceful": _AnnounceRetirement,
+}[_compat.GTHREAD_GENERATION]
 
 
 class Worker(_Retirement, ThreadWorker):

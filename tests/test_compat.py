@@ -30,11 +30,22 @@ def test_get_thread_pool_from_20():
     assert _compat.HAS_GET_THREAD_POOL == (GUNICORN >= (20,))
 
 
+def test_gthread_generation():
+    if GUNICORN < (24,):
+        expected = "legacy"
+    elif GUNICORN < (27,):
+        expected = "method-queue"
+    else:
+        expected = "graceful"
+    assert _compat.GTHREAD_GENERATION == expected
+
+
 def test_worker_takes_the_branch_for_this_generation():
     assert issubclass(safe_gthread.Worker, ThreadWorker)
-    legacy = issubclass(safe_gthread.Worker, _worker._RetireWithoutLoss)
-    assert legacy == _compat.LEGACY_GTHREAD_LOOP
-    assert issubclass(safe_gthread.Worker, _worker._AnnounceRetirement) == (not legacy)
+    retirement = {"legacy": _worker._RetireWithoutLoss,
+                  "method-queue": _worker._LingerWhileRetiring,
+                  "graceful": _worker._AnnounceRetirement}[_compat.GTHREAD_GENERATION]
+    assert safe_gthread.Worker.__mro__[1] is retirement
 
 
 def test_boot_line_once_naming_the_protections(gunicorn_server):
