@@ -5,7 +5,10 @@ slot stays empty for the whole drain plus the successor's boot: under ``max_requ
 churn that is most of the throughput lost to restarts. Here a worker that retires
 because it reached ``max_requests`` announces its pid on a pipe created by the
 arbiter; while that worker drains, the arbiter's ``manage_workers`` does not count it,
-so it spawns exactly one successor for it, at once. The retiring worker stays in
+so it spawns exactly one successor for it, at once. At most ``workers`` retiring workers
+are discounted at a time (a successor that retires before its predecessor has left
+waits for it, as with stock gunicorn), so there are never more than twice ``workers``
+worker processes. The retiring worker stays in
 ``Arbiter.WORKERS`` for everything else: it is still signalled on stop, reaped, and
 killed if it stops notifying for ``timeout`` seconds.
 
@@ -24,7 +27,7 @@ from gunicorn import arbiter as gunicorn_arbiter
 _PID = struct.Struct("=i")  # one pid per write: less than PIPE_BUF, so never torn
 
 _lock = threading.Lock()
-_state = {}  # "pipe": (read_fd, write_fd), "manage_workers": the original, "retiring": set
+_state = {}  # "pipe": (read_fd, write_fd), "manage_workers": the original, "retiring": [pid]
 
 
 def install():
@@ -36,14 +39,14 @@ def install():
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         _state["pipe"] = (read_fd, write_fd)
-        _state["retiring"] = set()
+        _state["retiring"] = []  # in the order they announced
         original = _state["manage_workers"] = gunicorn_arbiter.Arbiter.manage_workers
 
         def manage_workers(self):
             retiring = _state["retiring"]
-            retiring.update(_read_announcements(read_fd))
-            retiring.intersection_update(self.WORKERS)  # forget the reaped
-            hidden = {pid: self.WORKERS.pop(pid) for pid in retiring}
+            retiring.extend(_read_announcements(read_fd))
+            retiring[:] = [pid for pid in retiring if pid in self.WORKERS]  # forget the reaped
+            hidden = {pid: self.WORKERS.pop(pid) for pid in retiring[:self.num_workers]}
             try:
                 return original(self)
             finally:
@@ -67,7 +70,7 @@ def uninstall():
 
 
 def _read_announcements(read_fd):
-    pids = set()
+    pids = []
     while True:
         try:
             data = os.read(read_fd, _PID.size * 64)
@@ -78,7 +81,8 @@ def _read_announcements(read_fd):
         if not data:
             break
         for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
-            pids.add(pid)
+            if pid not in pids:
+                pids.append(pid)
     return pids
 
 

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-__all__ = ["LoadResult", "run_load", "request"]
+__all__ = ["LoadResult", "run_load", "request", "idle_keepalive"]
 
 REQUEST_TIMEOUT = 10.0
 
@@ -102,6 +102,22 @@ def request(address, method="GET", path="/", body=None, timeout=REQUEST_TIMEOUT)
         return _Reader(sock).response()
     finally:
         sock.close()
+
+
+def idle_keepalive(address, timeout=REQUEST_TIMEOUT):
+    """A connection that has carried one request and now sits idle, kept alive: what a
+    proxy's upstream pool holds between bursts. The caller closes it."""
+    sock = _connect(address, timeout)
+    try:
+        sock.sendall(_build("GET", "/", None, keepalive=True))
+        status, headers, _ = _Reader(sock).response()
+    except BaseException:
+        sock.close()
+        raise
+    if status != 200 or headers.get("connection", "").lower() == "close":
+        sock.close()
+        raise ValueError("the server did not keep the connection alive (HTTP %d)" % status)
+    return sock
 
 
 def _classify(exc):

@@ -160,20 +160,35 @@ class _RetireWithoutLoss(object):
         deadline = start + self.cfg.graceful_timeout
         try:
             while True:
-                now = time.time()
                 self.notify()
+                for fut in [fut for fut in self.futures if fut.done()]:
+                    self.futures.remove(fut)
+                now = time.time()
                 waiting = self._waiting_connections()
                 expired = [conn for conn in waiting
                            if min(conn.timeout or linger_until, linger_until) <= now]
                 self._forget(expired)
-                if (len(expired) == len(waiting) and not self.futures) or now >= deadline:
+                if now >= deadline:
                     break
-                timeout = min(1.0, max(linger_until - now, 0.0)) if waiting else 1.0
-                for key, _ in self.poller.select(min(timeout, deadline - now)):
+                if len(expired) == len(waiting) and not self.futures:
+                    # A future is done before its done-callback (finish_request) has
+                    # run, and that may still keep its connection for one more
+                    # request: let the pool's threads finish, then look again.
+                    self.tpool.shutdown(wait=True)
+                    if not self._waiting_connections():
+                        break
+                    self.tpool = self._new_thread_pool()
+                    continue
+                if len(expired) == len(waiting):
+                    # Only requests in flight: their end does not wake the poller.
+                    futures.wait(self.futures, timeout=min(1.0, deadline - now),
+                                 return_when=futures.FIRST_COMPLETED)
+                    continue
+                timeout = min(1.0, max(linger_until - now, 0.0), deadline - now)
+                if self.futures:
+                    timeout = min(timeout, 0.05)
+                for key, _ in self.poller.select(timeout):
                     key.data(key.fileobj)
-                done, _ = futures.wait(self.futures, timeout=0)
-                for fut in done:
-                    self.futures.remove(fut)
             self._forget(self._waiting_connections())
         finally:
             self.tpool.shutdown(wait=False)
