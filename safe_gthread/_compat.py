@@ -25,7 +25,7 @@ UNIX_CLOSE_UNLINKS = "close" in vars(gunicorn_sock.UnixSocket)
 HAS_CLOSE_SOCKETS = hasattr(gunicorn_sock, "close_sockets")
 
 #: gunicorn 19.x - 23.x: the futures-based gthread loop. When it stops it drops the
-#: requests a client already sent on its kept-alive (and, from 20.0, parked)
+#: requests a client already sent on its kept-alive (and, from 21.0, parked)
 #: connections. 24.0 rewrote the loop around ``set_accept_enabled`` and a method queue.
 LEGACY_GTHREAD_LOOP = not hasattr(gthread.ThreadWorker, "set_accept_enabled")
 
@@ -48,7 +48,8 @@ else:
 GTHREAD_DEFER = getattr(gthread, "_DEFER", None)
 
 #: The ThreadWorker method that serves the next request on a kept-alive connection:
-#: ``reuse_connection`` up to 19.10, ``on_client_socket_readable`` from 20.0.
+#: ``reuse_connection`` up to 20.x, ``on_client_socket_readable`` from 21.0 (which also
+#: parks accepted connections in the poller until they are readable).
 KEEPALIVE_CALLBACK = ("on_client_socket_readable"
                       if hasattr(gthread.ThreadWorker, "on_client_socket_readable")
                       else "reuse_connection")

@@ -92,7 +92,7 @@ class _RetireWithoutLoss(object):
     """gunicorn 19.x - 23.x: retire the way 27.0.1 does, dropping nothing.
 
     The stock loop of these versions, once ``alive`` is False, closes its poller and
-    forgets every kept-alive connection (and, from 20.0, every accepted connection it
+    forgets every kept-alive connection (and, from 21.0, every accepted connection it
     had parked until readable), although the proxy may already have sent a request
     on it; 20.x - 23.x also close at once a connection whose response had just
     promised keep-alive. h2o answers those requests with 502; nginx retries a GET

@@ -20,7 +20,7 @@ def test_legacy_loop_up_to_23():
 
 
 def test_keepalive_callback_name():
-    expected = "reuse_connection" if GUNICORN < (20,) else "on_client_socket_readable"
+    expected = "reuse_connection" if GUNICORN < (21,) else "on_client_socket_readable"
     assert _compat.KEEPALIVE_CALLBACK == expected
     if _compat.LEGACY_GTHREAD_LOOP:
         assert callable(getattr(ThreadWorker, _compat.KEEPALIVE_CALLBACK))
