@@ -35,7 +35,11 @@ def test_requirements(python):
         return ["pytest>=7.0,<7.1", "hypothesis>=6.31,<6.32"]
     if python == "3.7":
         return ["pytest>=7.4,<7.5", "hypothesis>=6.79,<6.80"]
-    return ["pytest>=8,<9", "hypothesis>=6.100,<7"]
+    # mkdocs (tests/test_docs.py builds the site) runs on Python >= 3.8; build and twine
+    # (tests/test_packaging.py) are needed in one cell only.
+    docs = ["mkdocs>=1.6,<2"]
+    packaging = ["build>=1.2,<2", "twine>=6,<8"] if python == "3.13" else []
+    return ["pytest>=8,<9", "hypothesis>=6.100,<7"] + docs + packaging
 
 
 def find_python(version):

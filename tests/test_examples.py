@@ -1,0 +1,454 @@
+"""Every file under examples/ is started for real, as its comments say to run it.
+
+The files keep the blog post's paths (/tmp/gunicorn.sock, port 18080, /srv/app):
+each test reads a file, replaces exactly those texts with its own (a socket in a
+private directory, a free loopback port), checks that each replacement matched,
+and runs the result. Servers run in a new session and are ended by process group.
+"""
+import ast
+import configparser
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from safe_gthread import _load
+from safe_gthread._runner import Gunicorn, ServerError, gunicorn_script, _group_alive
+
+from conftest import require_tool
+from versions import STOCK_WORKERS_UNLINK
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+SEED_SOCKET = "/tmp/gunicorn.sock"
+SEED_PORT = "18080"
+APP_DIR = "/srv/app"
+
+#: The blog post's config.py, setting by setting (hooks aside): examples/config.py
+#: must keep every one of them but worker_class.
+SEED_SETTINGS = {
+    "bind": "unix:/tmp/gunicorn.sock", "backlog": 2048, "workers": 5, "threads": 5,
+    "worker_class": "sync", "worker_connections": 1000, "timeout": 30, "keepalive": 2,
+    "max_requests": 512, "spew": False, "daemon": False, "pidfile": None, "umask": 0,
+    "user": None, "group": None, "tmp_upload_dir": None, "errorlog": "-",
+    "loglevel": "info", "accesslog": "-",
+    "access_log_format": '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"',
+    "proc_name": None,
+}
+SEED_HOOKS = ["post_fork", "pre_fork", "pre_exec", "when_ready", "worker_int", "worker_abort"]
+
+#: Becomes LISTEN_FDS/LISTEN_PID's process: puts the socket at fd 3, then execs gunicorn
+#: under the same pid, as systemd does.
+SYSTEMD_WRAPPER = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def read_example(name):
+    with open(os.path.join(EXAMPLES, name)) as fh:
+        return fh.read()
+
+
+def replace(text, old, new, count=None):
+    """``text.replace(old, new)`` that fails when the example no longer has ``old``."""
+    found = text.count(old)
+    assert found and (count is None or found == count), \
+        "%r found %d times in the example, expected %s" % (old, found, count or "some")
+    return text.replace(old, new)
+
+
+def replace_line(text, pattern, new):
+    result, found = re.subn(pattern, new, text, flags=re.M)
+    assert found == 1, "%r matched %d lines in the example, expected 1" % (pattern, found)
+    return result
+
+
+def settings_of(source):
+    """The module-level ``name = literal`` settings and the hook names of a config file."""
+    settings, hooks = {}, []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            settings[node.targets[0].id] = ast.literal_eval(node.value)
+        elif isinstance(node, ast.FunctionDef):
+            hooks.append(node.name)
+    return settings, hooks
+
+
+@pytest.fixture
+def app_dir():
+    """A directory other users can enter (h2o and nginx workers run as nobody), short
+    enough for sockaddr_un; removed afterwards."""
+    path = tempfile.mkdtemp(prefix="sg-ex-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def started():
+    """Everything a test starts: ``stop()`` is called on each at teardown."""
+    things = []
+    yield things
+    for thing in reversed(things):
+        thing.stop()
+
+
+def install_app(directory, bind=None, max_requests=20, worker_line=None):
+    """examples/config.py and web.py in ``directory`` as config.py and web.py, the socket
+    moved into ``directory``, two workers, a small max_requests, the error log to a file."""
+    config = read_example("config.py")
+    config = replace(config, "unix:" + SEED_SOCKET,
+                     bind or "unix:" + os.path.join(directory, "gunicorn.sock"), count=1)
+    config = replace_line(config, r"^workers = 5$", "workers = 2")
+    config = replace_line(config, r"^max_requests = 512$", "max_requests = %d" % max_requests)
+    config = replace_line(config, r"^errorlog = '-'$",
+                          "errorlog = %r" % os.path.join(directory, "gunicorn.log"))
+    if worker_line is not None:
+        config = replace_line(config, r'^worker_class = "safe_gthread.Worker"$', worker_line)
+    with open(os.path.join(directory, "config.py"), "w") as fh:
+        fh.write(config)
+    shutil.copy(os.path.join(EXAMPLES, "web.py"), os.path.join(directory, "web.py"))
+
+
+def deployed_command(text, directory):
+    """A unit's or program's command with /srv/app/venv and /srv/app made real."""
+    text = text.replace(APP_DIR + "/venv/bin/gunicorn", gunicorn_script())
+    return replace(text, APP_DIR, directory)
+
+
+class ExampleServer(Gunicorn):
+    """gunicorn started with a given command line (the supervisor program's, the systemd
+    unit's) in ``directory``, with the examples' config.py and web.py installed there."""
+
+    def __init__(self, directory, argv, sock_path, pass_fds=()):
+        self.directory = directory
+        self.sock_path = sock_path
+        self.log_path = os.path.join(directory, "gunicorn.log")
+        self.settings = {"workers": 2}
+        self.argv = argv
+        self.pass_fds = pass_fds
+        self.proc = None
+
+    def start(self, wait=True, timeout=20.0):
+        self._out = open(os.path.join(self.directory, "gunicorn.out"), "wb")
+        self.proc = subprocess.Popen(self.argv, cwd=self.directory, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     pass_fds=self.pass_fds)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+
+def supervisor_program():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read_string(read_example("supervisor.conf"))
+    return parser["program:gunicorn"]
+
+
+def unit(name):
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str
+    parser.read_string(read_example(name))
+    return parser
+
+
+def load(address, requests=300, seconds=20.0):
+    return _load.run_load(address, seconds=seconds, max_requests=requests, concurrency=4)
+
+
+# -- config.py and web.py ------------------------------------------------------------------
+
+def test_config_py_is_the_seed_with_one_line_changed():
+    settings, hooks = settings_of(read_example("config.py"))
+    expected = dict(SEED_SETTINGS, worker_class="safe_gthread.Worker")
+    assert settings == expected
+    assert hooks == SEED_HOOKS
+
+
+def test_web_py_is_a_plain_wsgi_app():
+    namespace = {}
+    exec(compile(read_example("web.py"), "web.py", "exec"), namespace)
+    seen = []
+    body = b"".join(namespace["app"]({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
+                                     lambda status, headers: seen.append(status)))
+    assert (seen, body) == (["200 OK"], b"Hello World")
+
+
+@pytest.mark.parametrize("variant", ["example", "seed"])
+def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started, variant):
+    """The supervisor program's command line, with examples/config.py. The seed's own
+    line (``worker_class = 'sync'`` with threads: stock gthread) is the control: it must
+    lose the socket where stock workers unlink it, gunicorn <= 19.6.0."""
+    worker_line = "worker_class = 'sync'" if variant == "seed" else None
+    install_app(app_dir, worker_line=worker_line)
+    program = supervisor_program()
+    argv = shlex.split(deployed_command(program["command"], app_dir))
+    assert deployed_command(program["directory"], app_dir) == app_dir
+    sock = os.path.join(app_dir, "gunicorn.sock")
+    server = ExampleServer(app_dir, argv, sock)
+    started.append(server)
+    server.start()
+    assert _load.request(sock)[2] == b"Hello World"
+    inode = server.inode()
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o777  # umask = 0, for the proxy's user
+
+    result = load(sock)
+    if variant == "seed":
+        if STOCK_WORKERS_UNLINK:
+            assert server.inode() is None, "control: stock 19.6.0 should lose the socket\n" \
+                + server.log()
+        else:
+            assert server.inode() == inode
+        return
+    assert server.restarts() >= 5, server.log()
+    assert result.failed == 0, (result.as_dict(), server.log())
+    assert server.inode() == inode
+    assert server.serves()
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert "safe-gthread" in log and "Worker spawned (pid:" in log  # the boot line, the hook
+
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0, server.log()
+    assert server.inode() is None  # its clean stop removes the socket it bound
+
+
+# -- h2o and nginx in front --------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Proxy(object):
+    def __init__(self, directory, argv):
+        self.directory = directory
+        self.argv = argv
+        self.proc = None
+
+    def start(self, port, timeout=20.0):
+        self._out = open(os.path.join(self.directory, "proxy.out"), "wb")
+        self.proc = subprocess.Popen(self.argv, cwd=self.directory, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError("%s exited with %s\n%s" % (
+                    self.argv[0], self.proc.returncode, self.log()))
+            try:
+                if _load.request(("127.0.0.1", port), timeout=2.0)[0] == 200:
+                    return self
+            except (OSError, EOFError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise ServerError("%s did not answer in %ss\n%s" % (self.argv[0], timeout, self.log()))
+
+    def log(self):
+        with open(os.path.join(self.directory, "proxy.out"), errors="replace") as fh:
+            return fh.read()[-10000:]
+
+    def stop(self):
+        if self.proc is None:
+            return
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                self.proc.poll()
+                time.sleep(0.05)
+        self.proc.poll()
+        self._out.close()
+
+
+def h2o_config(directory, sock, port):
+    text = read_example("h2o.conf")
+    text = replace(text, SEED_SOCKET, sock, count=1)
+    text = replace(text, "  port: %s\n" % SEED_PORT,
+                   "  host: 127.0.0.1\n  port: %d\n" % port, count=1)
+    text = replace(text, "access-log: /dev/stdout",
+                   "access-log: %s" % os.path.join(directory, "access.log"), count=1)
+    return text
+
+
+def nginx_config(directory, sock, port):
+    text = read_example("nginx.conf")
+    text = replace(text, "server unix:%s " % SEED_SOCKET, "server unix:%s " % sock, count=1)
+    text = replace(text, "listen %s;" % SEED_PORT, "listen 127.0.0.1:%d;" % port, count=1)
+    text = replace(text, "pid /tmp/nginx-gunicorn.pid;",
+                   "pid %s;" % os.path.join(directory, "nginx.pid"), count=1)
+    text = replace(text, "access_log /dev/stdout;",
+                   "access_log %s;" % os.path.join(directory, "access.log"), count=1)
+    # Temporary files in the test's directory, not the distribution's /var/lib/nginx.
+    temp = "".join("    %s_temp_path %s;\n" % (kind, os.path.join(directory, kind))
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return replace(text, "http {\n", "http {\n" + temp, count=1)
+
+
+@pytest.mark.parametrize("kind", ["h2o", "nginx"])
+def test_proxy_example_in_front_of_config_py(app_dir, started, kind):
+    """The proxy's example config, as is but for paths and port, forwards to gunicorn
+    started with examples/config.py; through it, every request is answered while the
+    workers restart."""
+    binary = require_tool(kind)
+    install_app(app_dir)
+    sock = os.path.join(app_dir, "gunicorn.sock")
+    server = ExampleServer(app_dir, [gunicorn_script(), "-c", "config.py", "web:app"], sock)
+    started.append(server)
+    server.start()
+    inode = server.inode()
+
+    port = free_port()
+    conf = os.path.join(app_dir, kind + ".conf")
+    with open(conf, "w") as fh:
+        if kind == "h2o":
+            fh.write(h2o_config(app_dir, sock, port))
+            argv = [binary, "-c", conf]
+        else:
+            fh.write(nginx_config(app_dir, sock, port))
+            argv = [binary, "-p", app_dir, "-c", conf]
+    proxy = Proxy(app_dir, argv)
+    started.append(proxy)
+    proxy.start(port)
+    status, _, body = _load.request(("127.0.0.1", port))
+    assert (status, body) == (200, b"Hello World")
+
+    result = load(("127.0.0.1", port))
+    assert server.restarts() >= 5, server.log()
+    assert result.failed == 0, (result.as_dict(), server.log(), proxy.log())
+    assert server.inode() == inode
+    assert "Traceback" not in server.log()
+
+
+# -- systemd ---------------------------------------------------------------------------------
+
+def test_systemd_units_are_consistent_with_config_py():
+    service, sock_unit = unit("gunicorn.service"), unit("gunicorn.socket")
+    assert service.sections() == ["Unit", "Service", "Install"]
+    assert sock_unit.sections() == ["Unit", "Socket", "Install"]
+    assert "gunicorn.socket" in service["Unit"]["Wants"].split()
+    argv = shlex.split(service["Service"]["ExecStart"])
+    assert argv == shlex.split(supervisor_program()["command"])
+    assert argv[-1] == "web:app" and argv[1:3] == ["-c", APP_DIR + "/config.py"]
+    assert service["Service"]["WorkingDirectory"] == APP_DIR
+    assert service["Service"]["KillMode"] == "mixed"
+    assert service["Service"]["KillSignal"] == "SIGTERM"
+    settings, _ = settings_of(read_example("config.py"))
+    graceful = settings.get("graceful_timeout", 30)
+    assert int(service["Service"]["TimeoutStopSec"]) > graceful
+    # The socket unit listens where config.py binds, as the proxies expect.
+    assert "unix:" + sock_unit["Socket"]["ListenStream"] == settings["bind"]
+    assert int(sock_unit["Socket"]["Backlog"]) == settings["backlog"]
+
+
+def test_systemd_units_verify(tmp_path):
+    analyze = require_tool("systemd-analyze")
+    units = tmp_path / "units"
+    units.mkdir()
+    app = str(tmp_path / "app")
+    os.mkdir(app)
+    for name in ("gunicorn.service", "gunicorn.socket"):
+        text = read_example(name)
+        if name.endswith(".service"):
+            text = deployed_command(text, app)
+        (units / name).write_text(text)
+    proc = subprocess.run([analyze, "verify", "--man=no", str(units / "gunicorn.socket"),
+                           str(units / "gunicorn.service")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=60)
+    # Only complaints about our two files count: verify also loads the host's units.
+    ours = [line for line in proc.stdout.splitlines() if "gunicorn." in line]
+    assert not ours, proc.stdout
+
+
+def has_socket_activation():
+    try:
+        from gunicorn import systemd  # noqa: F401  (added in gunicorn 19.7.0)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_socket_activation(),
+                    reason="this gunicorn has no systemd socket activation (19.7.0 added it)")
+def test_systemd_socket_activation(app_dir, started):
+    """gunicorn.socket's socket, bound here as systemd would, handed over with LISTEN_FDS
+    and LISTEN_PID to gunicorn.service's ExecStart: gunicorn serves on it (not on
+    config.py's bind), keeps it across restarts and leaves it to its owner at stop."""
+    socket_unit = unit("gunicorn.socket")["Socket"]
+    service = unit("gunicorn.service")["Service"]
+    sock_path = os.path.join(app_dir, "gunicorn.sock")
+    assert socket_unit["ListenStream"] == SEED_SOCKET
+    unused = os.path.join(app_dir, "unused.sock")
+    install_app(app_dir, bind="unix:" + unused)
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(sock_path)
+        os.chmod(sock_path, int(socket_unit["SocketMode"], 8))
+        listener.listen(int(socket_unit["Backlog"]))
+        inode = (os.lstat(sock_path).st_dev, os.lstat(sock_path).st_ino)
+        argv = shlex.split(deployed_command(service["ExecStart"], app_dir))
+        assert deployed_command(service["WorkingDirectory"], app_dir) == app_dir
+        fd = listener.fileno()
+        server = ExampleServer(
+            app_dir, [sys.executable, "-c", SYSTEMD_WRAPPER, str(fd)] + argv, sock_path,
+            pass_fds=(fd,))
+        started.append(server)
+        server.start()
+        assert not os.path.exists(unused), "gunicorn bound config.py's socket itself"
+
+        result = load(sock_path)
+        assert server.restarts() >= 5, server.log()
+        assert result.failed == 0, (result.as_dict(), server.log())
+        assert "Traceback" not in server.log()
+
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.log()
+        st = os.lstat(sock_path)
+        assert (st.st_dev, st.st_ino) == inode, "gunicorn removed systemd's socket"
+        # systemd's listener is still there for the next start.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock_path)
+        finally:
+            probe.close()
+    finally:
+        listener.close()
+
+
+# -- supervisor ------------------------------------------------------------------------------
+
+def test_supervisor_program_matches_config_py():
+    program = supervisor_program()
+    argv = shlex.split(program["command"])
+    assert os.path.basename(argv[0]) == "gunicorn"
+    assert argv[1] == "-c" and os.path.basename(argv[2]) == "config.py"
+    assert os.path.dirname(argv[2]) == program["directory"] == APP_DIR
+    module, _, name = argv[3].partition(":")
+    assert (module, name) == ("web", "app")
+    assert os.path.exists(os.path.join(EXAMPLES, module + ".py"))
+    assert program["stopsignal"] == "TERM"
+    settings, _ = settings_of(read_example("config.py"))
+    assert int(program["stopwaitsecs"]) > settings.get("graceful_timeout", 30)
+    assert settings["daemon"] is False  # supervisor needs gunicorn in the foreground
+    assert program["stopasgroup"] == "false"  # only the master gets TERM
