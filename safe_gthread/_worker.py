@@ -154,7 +154,10 @@ class _RetireWithoutLoss(object):
         return futures.ThreadPoolExecutor(max_workers=self.cfg.threads)
 
     def _serve_remaining(self):
-        self.tpool = self._new_thread_pool()  # the stock tail shut its pool down
+        # The stock tail shut its pool down without waiting: its threads may still be
+        # running done-callbacks (finish_request). Serve with a new pool meanwhile.
+        pools = [self.tpool]
+        self.tpool = self._new_thread_pool()
         start = time.time()  # the legacy loop's connection timeouts use time.time()
         linger_until = start + RETIRE_LINGER
         deadline = start + self.cfg.graceful_timeout
@@ -173,8 +176,10 @@ class _RetireWithoutLoss(object):
                 if len(expired) == len(waiting) and not self.futures:
                     # A future is done before its done-callback (finish_request) has
                     # run, and that may still keep its connection for one more
-                    # request: let the pool's threads finish, then look again.
-                    self.tpool.shutdown(wait=True)
+                    # request: let every pool's threads finish, then look again.
+                    pools.append(self.tpool)
+                    for pool in pools:
+                        pool.shutdown(wait=True)
                     if not self._waiting_connections():
                         break
                     self.tpool = self._new_thread_pool()

@@ -7,7 +7,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tests_run_against_the_installed_package_not_the_source_tree():
-    assert not os.path.abspath(safe_gthread.__file__).startswith(ROOT + os.sep)
+    package_dir = os.path.dirname(os.path.abspath(safe_gthread.__file__))
+    assert package_dir != os.path.join(ROOT, "safe_gthread")
+    assert os.path.basename(os.path.dirname(package_dir)) == "site-packages", package_dir
 
 
 def test_public_names():
