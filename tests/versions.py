@@ -1,4 +1,7 @@
 """What stock gunicorn does, per version: the expectations the controls are held to."""
+import errno
+import socket
+
 import gunicorn
 
 GUNICORN = tuple(gunicorn.version_info)
@@ -6,3 +9,38 @@ GUNICORN = tuple(gunicorn.version_info)
 #: gunicorn <= 19.6.0 workers unlink the socket when they exit (benoitc/gunicorn#1298):
 #: the stock worker, our control, must lose the socket file there.
 STOCK_WORKERS_UNLINK = GUNICORN < (19, 7)
+
+#: The ``reuse_port`` setting exists from 19.8 (19.6.0 ignores the name in a config file).
+HAS_REUSE_PORT = GUNICORN >= (19, 8)
+
+#: gunicorn >= 24: with ``reuse_port`` the workers bind, not the arbiter; where the kernel
+#: refuses SO_REUSEPORT on AF_UNIX the stock workers crash-loop instead of exiting.
+REUSE_PORT_BINDS_IN_WORKERS = GUNICORN >= (24,)
+
+#: gunicorn >= 27: stock binds an abstract name (``unix:\\0name``) but its shutdown calls
+#: ``os.unlink`` on it (ValueError: embedded null). Older versions ``os.stat`` it before
+#: binding and fail to start with the same ValueError.
+STOCK_BINDS_ABSTRACT = GUNICORN >= (27,)
+
+#: Which stock worker classes lose the socket file on a worker restart (HUP), 19.6.0:
+#: gthread (``UnixSocket.close`` at the end of ``run``) and eventlet (its accept loop
+#: closes the listener); sync and gevent keep it.
+STOCK_CLASSES_LOSING_FILE = {"gthread", "eventlet"} if STOCK_WORKERS_UNLINK else set()
+
+
+def kernel_refuses_unix_reuseport():
+    """True where setting SO_REUSEPORT on an AF_UNIX socket fails with an error gunicorn
+    does not ignore (Linux >= 6.x: EOPNOTSUPP)."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError as exc:
+        return exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL)
+    finally:
+        probe.close()
+    return False
+
+
+KERNEL_REFUSES_UNIX_REUSEPORT = kernel_refuses_unix_reuseport()
