@@ -31,6 +31,16 @@ def gunicorn_script():
     return os.path.join(os.path.dirname(sys.executable), "gunicorn")
 
 
+def gunicorn_command():
+    """The gunicorn of this environment: its script, or (installed without one, e.g. a
+    ``--user`` install run from elsewhere) its entry point; ``python -m gunicorn`` only
+    exists from 20.1."""
+    script = gunicorn_script()
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-c", "from gunicorn.app.wsgiapp import run; run()"]
+
+
 class Gunicorn(object):
     def __init__(self, directory, worker_class="safe_gthread.Worker", app="safe_gthread._app:app",
                  guard=False, **settings):
@@ -55,10 +65,15 @@ class Gunicorn(object):
     # -- lifecycle -------------------------------------------------------------------
     def start(self, wait=True, timeout=20.0):
         self._out = open(os.path.join(self.directory, "gunicorn.out"), "wb")
-        self.proc = subprocess.Popen(
-            [gunicorn_script(), "-c", self.config_path, "--chdir", self.directory, self.app],
-            cwd=self.directory, stdout=self._out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(
+                gunicorn_command() + ["-c", self.config_path, "--chdir", self.directory,
+                                      self.app],
+                cwd=self.directory, stdout=self._out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        except BaseException:
+            self._out.close()
+            raise
         if wait:
             self.wait_ready(timeout)
         return self
@@ -99,20 +114,19 @@ class Gunicorn(object):
         except subprocess.TimeoutExpired:
             raise ServerError("gunicorn did not exit in %ss\n%s" % (timeout, self.log()))
 
-    def stop(self):
-        """End the whole process group: SIGTERM, then SIGKILL. Safe to call twice."""
+    def stop(self, grace=15.0):
+        """End the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds.
+        Safe to call twice."""
         if self.proc is None:
             return
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = self.proc.pid
-        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        # The group is the session gunicorn was started in: its pgid is its own pid.
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
-            deadline = time.monotonic() + grace
+            deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _group_alive(pgid):
                 self.proc.poll()
                 time.sleep(0.05)
@@ -147,7 +161,15 @@ class Gunicorn(object):
         return max(self.booted() - self.settings["workers"], 0)
 
     def tracebacks(self):
-        return self.log().count("Traceback (most recent call last)")
+        """Tracebacks in the whole of both logs (``log()`` keeps only their tails)."""
+        count = 0
+        for name in ("gunicorn.log", "gunicorn.out"):
+            try:
+                with open(os.path.join(self.directory, name), errors="replace") as fh:
+                    count += fh.read().count("Traceback (most recent call last)")
+            except FileNotFoundError:
+                pass
+        return count
 
     def _read_log(self):
         try:
