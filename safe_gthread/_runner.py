@@ -52,7 +52,10 @@ class Gunicorn(object):
         config = {"bind": "unix:" + self.sock_path, "workers": 2, "threads": 2,
                   "worker_class": WORKER_CLASSES.get(worker_class, worker_class),
                   "errorlog": self.log_path, "loglevel": "info", "graceful_timeout": 10,
-                  "timeout": 30, "keepalive": 2}
+                  "timeout": 30, "keepalive": 2,
+                  # gunicorn >= 27 opens a control socket in $HOME by default, shared by
+                  # every server of the user; older versions ignore the name.
+                  "control_socket": os.path.join(self.directory, "gunicorn.ctl")}
         config.update(settings)
         with open(self.config_path, "w") as fh:
             if guard:

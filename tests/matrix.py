@@ -4,10 +4,12 @@ package installed from a freshly built wheel (never the source tree).
 
     python3 tests/matrix.py                      # every cell
     python3 tests/matrix.py --cells 19.6.0-3.6   # some cells (gunicorn-python, comma-separated)
+    python3 tests/matrix.py --jobs 1             # one cell at a time (default: two)
     python3 tests/matrix.py -- -k restart        # extra pytest arguments after --
 
-Venvs live in .matrix/ and are reused when their pins are unchanged. The last line is
-the total over all cells: ``matrix: N passed, N failed, N skipped``.
+Venvs live in .matrix/ and are reused when their pins are unchanged. Each cell's output
+is printed whole when the cell ends. The last line is the total over all cells:
+``matrix: N passed, N failed, N skipped``.
 """
 import argparse
 import glob
@@ -15,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent import futures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".matrix")
@@ -98,6 +102,36 @@ def count(junit):
     return totals
 
 
+def run_cell(number, total, gunicorn, python, wheel, extra):
+    """Prepare one cell's venv and run the suite in it; return (cell counts, output)."""
+    label = "gunicorn %s on Python %s" % (gunicorn, python)
+    print("=== [%d/%d] %s: preparing its venv" % (number, total, label), flush=True)
+    started = time.monotonic()
+    venv = prepare(gunicorn, python, wheel)
+    junit = os.path.join(venv, "junit.xml")
+    if os.path.exists(junit):
+        os.remove(junit)
+    print("=== [%d/%d] %s: testing" % (number, total, label), flush=True)
+    # A short private base for pytest's tmp_path: unix socket paths must stay under
+    # 108 bytes, and cells running side by side must not share pytest's numbering.
+    basetemp = tempfile.mkdtemp(prefix="sgm-")
+    try:
+        # The venv's pytest script, not ``python -m pytest``: the source tree must not
+        # shadow the installed package on sys.path.
+        proc = subprocess.run(
+            [os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider", "-rfEs",
+             "--basetemp", os.path.join(basetemp, "t"), "--junitxml", junit,
+             "-o", "junit_family=xunit1", os.path.join(ROOT, "tests")] + extra,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finally:
+        shutil.rmtree(basetemp, ignore_errors=True)
+    cell = count(junit)
+    line = "%-32s %3d passed, %d failed, %d skipped  (%ds)" % (
+        label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started)
+    output = proc.stdout.decode("utf-8", "replace")
+    return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = []
@@ -106,7 +140,12 @@ def main(argv=None):
         argv = argv[:argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", help="comma-separated gunicorn-python cells, e.g. 19.6.0-3.6")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="cells run side by side (default 2; each cell's output is "
+                             "printed whole when it ends)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     cells = CELLS
     if args.cells:
         wanted = [tuple(c.split("-", 1)) for c in args.cells.split(",")]
@@ -119,30 +158,19 @@ def main(argv=None):
     os.makedirs(MATRIX_DIR, exist_ok=True)
     wheel = build_wheel(sys.executable)
     totals = {"passed": 0, "failed": 0, "skipped": 0}
-    summary = []
-    for number, (gunicorn, python) in enumerate(cells, 1):
-        label = "gunicorn %s on Python %s" % (gunicorn, python)
-        print("\n=== [%d/%d] %s: preparing venv" % (number, len(cells), label), flush=True)
-        started = time.monotonic()
-        venv = prepare(gunicorn, python, wheel)
-        junit = os.path.join(venv, "junit.xml")
-        if os.path.exists(junit):
-            os.remove(junit)
-        print("=== [%d/%d] %s: testing" % (number, len(cells), label), flush=True)
-        # The venv's pytest script, not ``python -m pytest``: the source tree must not
-        # shadow the installed package on sys.path.
-        subprocess.run([os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider",
-                        "--junitxml", junit, "-o", "junit_family=xunit1",
-                        os.path.join(ROOT, "tests")] + extra, cwd=ROOT)
-        cell = count(junit)
-        for key in totals:
-            totals[key] += cell[key]
-        summary.append("%-32s %3d passed, %d failed, %d skipped  (%ds)" % (
-            label, cell["passed"], cell["failed"], cell["skipped"],
-            time.monotonic() - started))
+    summary = {}
+    with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = {pool.submit(run_cell, number, len(cells), gunicorn, python, wheel, extra): number
+                   for number, (gunicorn, python) in enumerate(cells, 1)}
+        for done in futures.as_completed(running):
+            cell, line, output = done.result()
+            print(output, flush=True)
+            for key in totals:
+                totals[key] += cell[key]
+            summary[running[done]] = line
     print("\n=== matrix summary")
-    for line in summary:
-        print(line)
+    for number in sorted(summary):
+        print(summary[number])
     print("matrix: %(passed)d passed, %(failed)d failed, %(skipped)d skipped" % totals)
     return 1 if totals["failed"] or not totals["passed"] else 0
 
