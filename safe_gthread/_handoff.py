@@ -21,6 +21,7 @@ import os
 import signal
 import struct
 import threading
+from collections.abc import MutableMapping
 
 from gunicorn import arbiter as gunicorn_arbiter
 
@@ -46,11 +47,17 @@ def install():
             retiring = _state["retiring"]
             retiring.extend(_read_announcements(read_fd))
             retiring[:] = [pid for pid in retiring if pid in self.WORKERS]  # forget the reaped
-            hidden = {pid: self.WORKERS.pop(pid) for pid in retiring[:self.num_workers]}
+            if not retiring:
+                return original(self)
+            # Never pop the retiring from WORKERS: before 27, gunicorn reaps workers in
+            # its SIGCHLD handler, which may run at any point in here. They are only
+            # left out of what manage_workers counts, for the length of the call.
+            workers = self.WORKERS
+            self.WORKERS = _Discounted(workers, retiring[:self.num_workers])
             try:
                 return original(self)
             finally:
-                self.WORKERS.update(hidden)
+                self.WORKERS = workers
 
         manage_workers.__wrapped__ = original
         gunicorn_arbiter.Arbiter.manage_workers = manage_workers
@@ -67,6 +74,33 @@ def uninstall():
             os.close(fd)
         _state.clear()
         return True
+
+
+class _Discounted(MutableMapping):
+    """``Arbiter.WORKERS`` as manage_workers should count it: the retiring left out.
+
+    Counting and iterating skip them; lookups, stores and removals (reaping, spawning,
+    killing) reach the real dict, so a worker reaped meanwhile is really gone.
+    """
+
+    def __init__(self, workers, retiring):
+        self._workers = workers
+        self._retiring = frozenset(retiring)
+
+    def __getitem__(self, pid):
+        return self._workers[pid]
+
+    def __setitem__(self, pid, worker):
+        self._workers[pid] = worker
+
+    def __delitem__(self, pid):
+        del self._workers[pid]
+
+    def __iter__(self):
+        return iter([pid for pid in list(self._workers) if pid not in self._retiring])
+
+    def __len__(self):
+        return len(self._workers) - len(self._retiring.intersection(list(self._workers)))
 
 
 def _read_announcements(read_fd):

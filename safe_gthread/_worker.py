@@ -61,7 +61,10 @@ class _LingerWhileRetiring(_AnnounceRetirement):
         super(_LingerWhileRetiring, self)._retirement_started()
 
     def finish_request(self, conn, fs):
-        if self.alive or fs.cancelled() or fs.exception():
+        # Stock files a kept-alive connection only ``if result and self.alive``, tested
+        # after the response has promised keep-alive: a worker that retires meanwhile
+        # closes a connection the client may already be reusing. File every one here.
+        if fs.cancelled() or fs.exception() is not None:
             return super(_LingerWhileRetiring, self).finish_request(conn, fs)
         result = fs.result()
         if not result or result is _compat.GTHREAD_DEFER:
@@ -69,7 +72,8 @@ class _LingerWhileRetiring(_AnnounceRetirement):
         try:
             conn.sock.setblocking(False)
             conn.set_timeout()
-            conn.timeout = min(conn.timeout, self._linger_deadline())
+            if not self.alive:
+                conn.timeout = min(conn.timeout, self._linger_deadline())
             self.keepalived_conns.append(conn)
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self.on_client_socket_readable, conn))
@@ -129,14 +133,15 @@ class _RetireWithoutLoss(object):
         _handoff.announce_retirement(self)
 
     def finish_request(self, fs):
-        if self.alive or fs.cancelled() or fs.exception() is not None:
+        if fs.cancelled() or fs.exception() is not None:
             return super(_RetireWithoutLoss, self).finish_request(fs)
         keepalive, conn = fs.result()
         if not keepalive:
             return super(_RetireWithoutLoss, self).finish_request(fs)
         # The response promised keep-alive, so the client may be sending its next request
-        # already (RFC 9112 section 9.6). 20.x - 23.x close the connection here; keep it
-        # for that request, as 27.0.1 does.
+        # already (RFC 9112 section 9.6). 20.x - 23.x file the connection only ``if
+        # keepalive and self.alive``, tested after that promise, and close it when the
+        # worker retired meanwhile; file it whatever ``alive`` says, as 27.0.1 does.
         try:
             conn.sock.setblocking(False)
             conn.set_timeout()
