@@ -1,0 +1,210 @@
+"""Helpers for the load tests: wrk runs that stop on a condition, proxies, and the facts
+the stock control is held to on each gunicorn version."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import gunicorn
+import pytest
+
+from safe_gthread import _load
+from safe_gthread._proxy import Proxy, find_binary
+
+GUNICORN = tuple(gunicorn.version_info)
+
+#: The stock worker is the control on gunicorn 19.x (the matrix's 19.6.0 and 19.9.0 cells),
+#: where the issue measured it losing requests; newer cells run only the safe worker.
+CONTROL = GUNICORN < (20,)
+
+#: 19.6.0's retiring worker deletes the socket file (benoitc/gunicorn#1298): after the first
+#: restart every request through any path fails, so the control need not run long.
+STOCK_UNLINKS = GUNICORN < (19, 7)
+
+#: 19.x accepts a connection straight into its thread pool (20.0 started parking it in the
+#: poller until readable), so a retiring 19.7+ worker drops nothing that arrived on a fresh
+#: connection: through nginx without upstream keep-alive the control loses nothing there.
+STOCK_LOSES_FRESH = STOCK_UNLINKS
+
+#: The seed's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
+#: loaded 2-core CI runner still sees RESTARTS restarts within a few seconds.
+SETTINGS = {"workers": 5, "threads": 5, "keepalive": 2, "max_requests": 200,
+            "graceful_timeout": 10}
+HARSH = dict(SETTINGS, max_requests=64, max_requests_jitter=32)
+
+RESTARTS = 50           # the issue's minimum per safe run
+TARGET_RESTARTS = 60    # a safe run stops once it has seen this many ...
+MIN_SECONDS = 4.0       # ... and has run this long
+MAX_SECONDS = 25.0      # hard bound of every run
+CONNECTIONS = 200       # wrk -c200, the seed's
+WRK_THREADS = 2         # one per core here
+DIRECT_CLIENTS = 32     # Python keep-alive clients straight on the socket
+POST_BODY = 4096        # bytes: nginx holds it in memory (client_body_buffer_size 8k/16k)
+
+
+def need(kind):
+    """The tool's path; skip when missing on a laptop, fail under CI (.ci/run installs it)."""
+    path = find_binary(kind) if kind in ("h2o", "nginx") else shutil.which(kind)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("%s is not installed; .ci/run should have installed it" % kind)
+        pytest.skip("%s is not installed" % kind)
+    return path
+
+
+class Outcome(object):
+    """What one run saw: counts from the client, the proxy's log and the server's."""
+
+    def __init__(self, label, requests, non2xx, socket_errors, upstream_failures, restarts,
+                 inode_kept, tracebacks, seconds, detail=""):
+        self.label = label
+        self.requests = requests
+        self.non2xx = non2xx
+        self.socket_errors = socket_errors
+        self.upstream_failures = upstream_failures
+        self.restarts = restarts
+        self.inode_kept = inode_kept
+        self.tracebacks = tracebacks
+        self.seconds = seconds
+        self.detail = detail
+
+    @property
+    def failures(self):
+        """Every sign of a lost request; the control must show at least one."""
+        return (self.non2xx + sum(self.socket_errors.values()) + len(self.upstream_failures)
+                + (0 if self.inode_kept else 1))
+
+    def headline(self):
+        return repr(self).split("\n", 1)[0]
+
+    def __repr__(self):
+        return ("%s: %d requests in %.1fs, %d non-2xx, socket errors %s, %d upstream failures "
+                "in the proxy's log %s, %d restarts, socket file %s, %d tracebacks\n%s" % (
+                    self.label, self.requests, self.seconds, self.non2xx,
+                    self.socket_errors or "none", len(self.upstream_failures),
+                    self.upstream_failures[:3], self.restarts,
+                    "kept" if self.inode_kept else "LOST/REPLACED", self.tracebacks,
+                    self.detail))
+
+
+def stop_condition(server, inode, worker, live_failures):
+    """When a run has seen enough: the safe worker after TARGET_RESTARTS restarts; the
+    control as soon as it visibly fails (19.6.0: the file is gone), else like the safe one."""
+    started = time.monotonic()
+
+    def enough():
+        elapsed = time.monotonic() - started
+        if worker == "stock":
+            if elapsed >= 2.0 and (server.inode() != inode or live_failures()):
+                return True
+        return elapsed >= MIN_SECONDS and server.restarts() >= TARGET_RESTARTS
+    return enough
+
+
+_WRK_REQUESTS = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
+_WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def run_wrk(url, stop, max_seconds=MAX_SECONDS, connections=CONNECTIONS, threads=WRK_THREADS,
+            script=None):
+    """wrk for up to ``max_seconds``, interrupted (SIGINT: it still prints its summary) once
+    ``stop()`` is true. Returns (requests, non2xx, socket_errors dict, seconds, output)."""
+    cmd = [need("wrk"), "-t%d" % threads, "-c%d" % connections, "-d%ds" % int(max_seconds),
+           "--timeout", "10s"]  # not wrk's 2 s: a slow answer on a busy runner is no loss
+    if script:
+        cmd += ["-s", script]
+    proc = subprocess.Popen(cmd + [url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + max_seconds + 15
+        while proc.poll() is None and time.monotonic() < deadline:
+            if stop():
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    match = _WRK_REQUESTS.search(output)
+    assert match, "wrk printed no summary:\n" + output
+    requests = int(match.group(1))
+    seconds = float(match.group(2)) * _UNITS[match.group(3)]
+    non2xx = _WRK_NON2XX.search(output)
+    sock = _WRK_SOCKET.search(output)
+    errors = {}
+    if sock:
+        errors = {name: int(value) for name, value in
+                  zip(("connect", "read", "write", "timeout"), sock.groups()) if int(value)}
+    return requests, int(non2xx.group(1)) if non2xx else 0, errors, seconds, output
+
+
+def post_script(directory, size=POST_BODY):
+    path = os.path.join(str(directory), "post.lua")
+    with open(path, "w") as fh:
+        fh.write('wrk.method = "POST"\n'
+                 'wrk.body = string.rep("x", %d)\n'
+                 'wrk.headers["Content-Type"] = "application/octet-stream"\n' % size)
+    return path
+
+
+def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, settings,
+                  post=False):
+    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it."""
+    need(kind)
+    server = gunicorn_server(worker, **settings)
+    inode = server.inode()
+    proxy = Proxy(kind, tmp_path / ("%s-%s" % (kind, worker)), server.sock_path,
+                  upstream_keepalive=upstream_keepalive)
+    try:
+        proxy.start()
+        script = post_script(proxy.directory) if post else None
+        stop = stop_condition(server, inode, worker, lambda: proxy.upstream_failures())
+        requests, non2xx, errors, seconds, output = run_wrk(
+            "http://127.0.0.1:%d/" % proxy.port, stop, script=script)
+    finally:
+        proxy.stop()
+    return Outcome("%s worker via %s%s" % (worker, proxy.label, " (POST)" if post else ""),
+                   requests, non2xx, errors, proxy.upstream_failures(), server.restarts(),
+                   server.inode() == inode, server.tracebacks(), seconds,
+                   detail=output + "\n" + server.log())
+
+
+def direct(gunicorn_server, worker, settings):
+    """One run: Python keep-alive clients straight on the unix socket, as a proxy's pool."""
+    server = gunicorn_server(worker, **settings)
+    inode = server.inode()
+    seen = {}
+
+    def progress(result, _left):
+        seen["failed"] = result.failed
+
+    stop = stop_condition(server, inode, worker, lambda: seen.get("failed", 0))
+    result = _load.run_load(server.sock_path, seconds=MAX_SECONDS, concurrency=DIRECT_CLIENTS,
+                            keepalive_share=1.0, stop=stop, progress=progress)
+    http = sum(n for name, n in result.errors.items() if name.startswith("HTTP"))
+    sock_errors = {name: n for name, n in result.errors.items() if not name.startswith("HTTP")}
+    return Outcome("%s worker, direct keep-alive clients" % worker, result.requests, http,
+                   sock_errors, [], server.restarts(), server.inode() == inode,
+                   server.tracebacks(), result.seconds, detail=server.log())
+
+
+def assert_lost_nothing(outcome):
+    print(outcome.headline())  # shown with -s or -rP, and with every failure
+    assert outcome.non2xx == 0, outcome
+    assert not outcome.socket_errors, outcome
+    assert not outcome.upstream_failures, outcome
+    assert outcome.inode_kept, outcome
+    assert outcome.tracebacks == 0, outcome
+    assert outcome.restarts >= RESTARTS, outcome
+
+
+def assert_control_failed(outcome):
+    print(outcome.headline())
+    assert outcome.failures > 0, (
+        "the stock control lost nothing, so this test proves nothing here: %r" % outcome)
