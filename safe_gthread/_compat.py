@@ -75,6 +75,7 @@ def protections():
     if UNIX_CLOSE_UNLINKS:
         active.append("workers never unlink the socket")
     active.append("the arbiter unlinks only the socket it bound")
+    active.append("nothing but a dead socket is replaced at bind")
     if GTHREAD_GENERATION != "graceful":
         active.append("retiring workers finish kept-alive connections")
     active.append("successor boots while its predecessor drains")

@@ -8,12 +8,11 @@ in a new session with a generated config in its own directory, listening on a fr
 """
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 
-from . import _load
+from . import _load, _procs
 
 __all__ = ["Proxy", "ProxyError", "find_binary", "KINDS"]
 
@@ -226,52 +225,14 @@ class Proxy(object):
     def stop(self):
         """End the proxy's process group: SIGTERM, then SIGKILL. Safe to call twice."""
         if self.proc is not None:
-            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.pgid, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.monotonic() + grace
-                while time.monotonic() < deadline and self._group_alive():
-                    time.sleep(0.05)
-                if not self._group_alive():
-                    break
-            try:
-                self.proc.wait(1.0)
-            except subprocess.TimeoutExpired:
-                pass
+            _procs.stop_group(self.proc, self.pgid, 5.0)
         if self._out is not None:
             self._out.close()
             self._out = None
 
-    def _group_alive(self):
-        self.proc.poll()  # reap the leader, or it stays a zombie member of the group
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        # Only zombies left (children of the reaped leader, reparented): not alive.
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open("/proc/%s/stat" % entry) as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.pgid and fields[0] != "Z":
-                return True
-        return False
-
     # -- what it said -------------------------------------------------------------------
     def error_log(self):
-        try:
-            with open(self.error_log_path, errors="replace") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return ""
+        return _procs.read_text(self.error_log_path)
 
     def upstream_failures(self):
         """The error log's lines that say the upstream dropped a request."""
@@ -279,12 +240,7 @@ class Proxy(object):
                 if any(marker in line.lower() for marker in UPSTREAM_FAILURES)]
 
     def log(self):
-        parts = []
-        for path in (self.config_path, self.error_log_path, self.out_path):
-            if os.path.exists(path):
-                with open(path, errors="replace") as fh:
-                    parts.append("--- %s ---\n%s" % (os.path.basename(path), fh.read()[-20000:]))
-        return "\n".join(parts)
+        return _procs.tails([self.config_path, self.error_log_path, self.out_path])
 
     def __enter__(self):
         return self.start()

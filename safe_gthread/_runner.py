@@ -7,12 +7,11 @@ then SIGKILL), never anything by name.
 """
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
-from . import _load
+from . import _load, _procs
 
 class ServerError(RuntimeError):
     """gunicorn did not start, answer or stop as expected; the message ends with its log."""
@@ -123,63 +122,37 @@ class Gunicorn(object):
         if self.proc is None:
             return
         # The group is the session gunicorn was started in: its pgid is its own pid.
-        pgid = self.proc.pid
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(pgid):
-                self.proc.poll()
-                time.sleep(0.05)
-        self.proc.poll()
+        _procs.stop_group(self.proc, self.proc.pid, grace)
         self._out.close()
 
     # -- what it did ---------------------------------------------------------------------
     def log(self):
-        parts = []
-        for name in ("gunicorn.log", "gunicorn.out"):
-            path = os.path.join(self.directory, name)
-            if os.path.exists(path):
-                with open(path, errors="replace") as fh:
-                    parts.append("--- %s ---\n%s" % (name, fh.read()[-20000:]))
-        return "\n".join(parts)
-
-    def log_text(self):
-        return self.log()
+        return _procs.tails([os.path.join(self.directory, name)
+                             for name in ("gunicorn.log", "gunicorn.out")])
 
     def booted(self):
-        return len(_BOOTING.findall(self._read_log()))
+        return len(_BOOTING.findall(self.errorlog()))
 
     def worker_pids(self):
-        text = self._read_log()
+        text = self.errorlog()
         exited = set(_EXITING.findall(text))
         return [int(pid) for pid in _BOOTING.findall(text) if pid not in exited]
 
     def exited(self):
-        return len(_EXITING.findall(self._read_log()))
+        return len(_EXITING.findall(self.errorlog()))
 
     def restarts(self):
         return max(self.booted() - self.settings["workers"], 0)
 
     def tracebacks(self):
         """Tracebacks in the whole of both logs (``log()`` keeps only their tails)."""
-        count = 0
-        for name in ("gunicorn.log", "gunicorn.out"):
-            try:
-                with open(os.path.join(self.directory, name), errors="replace") as fh:
-                    count += fh.read().count("Traceback (most recent call last)")
-            except FileNotFoundError:
-                pass
-        return count
+        return sum(_procs.read_text(os.path.join(self.directory, name))
+                   .count("Traceback (most recent call last)")
+                   for name in ("gunicorn.log", "gunicorn.out"))
 
-    def _read_log(self):
-        try:
-            with open(self.log_path, errors="replace") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return ""
+    def errorlog(self):
+        """The whole of gunicorn's error log (``log()`` is for failure messages: tails)."""
+        return _procs.read_text(self.log_path)
 
     def inode(self):
         try:
@@ -187,33 +160,3 @@ class Gunicorn(object):
         except FileNotFoundError:
             return None
         return (st.st_dev, st.st_ino)
-
-
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie leader still counts; reap what is ours.
-    try:
-        os.waitpid(-pgid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    return _has_live_member(pgid)
-
-
-def _has_live_member(pgid):
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state, fields[2] the process group
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False

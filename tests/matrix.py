@@ -26,10 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".matrix")
 
 #: (gunicorn, Python): the seed's version on its Python and on the newest it runs on,
-#: the first fixed 19.x, each major line after it, and the newest on two Pythons.
+#: the first fixed 19.x, each major line after it (26.0.0 for the 24.x - 26.x gthread
+#: loop, which has a retirement of its own), and the newest on two Pythons.
 CELLS = [
     ("19.6.0", "3.6"), ("19.6.0", "3.9"), ("19.9.0", "3.6"), ("20.1.0", "3.8"),
-    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("27.0.1", "3.12"), ("27.0.1", "3.13"),
+    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("26.0.0", "3.12"), ("27.0.1", "3.12"),
+    ("27.0.1", "3.13"),
 ]
 
 

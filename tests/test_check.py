@@ -19,6 +19,7 @@ import gunicorn
 import pytest
 
 from conftest import require_tool
+from safe_gthread import _procs
 from versions import GUNICORN, STOCK_WORKERS_UNLINK
 
 SECONDS = "3"  # of load per worker class: enough for tens of restarts at max_requests 50
@@ -182,18 +183,13 @@ def test_report_exit_status_when_the_safe_worker_fails():
 
 def _processes():
     """(pid, ppid, pgid, sid, cmdline) of every live process."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid, ppid, pgid, sid in _procs.live_processes():
         try:
-            with open("/proc/%s/stat" % entry) as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            with open("/proc/%s/cmdline" % entry, "rb") as fh:
+            with open("/proc/%d/cmdline" % pid, "rb") as fh:
                 cmdline = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue
-        if fields[0] != "Z":
-            yield int(entry), int(fields[1]), int(fields[2]), int(fields[3]), cmdline
+        yield pid, ppid, pgid, sid, cmdline
 
 
 def _wait_for(predicate, timeout, what):

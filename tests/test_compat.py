@@ -54,6 +54,6 @@ def test_boot_line_once_naming_the_protections(gunicorn_server):
     _load.run_load(server.sock_path, seconds=20, concurrency=4, stop=lambda: server.restarts() >= 3)
     assert server.restarts() >= 3, server.log()
     line = "safe-gthread %s on gunicorn %s" % (safe_gthread.__version__, _compat.GUNICORN_VERSION)
-    assert server.log().count(line) == 1, server.log()
+    assert server.errorlog().count(line) == 1, server.log()
     for phrase in _compat.protections():
-        assert phrase in server.log()
+        assert phrase in server.errorlog()

@@ -4,7 +4,6 @@ step with the English ones, and the API page carries the public docstrings."""
 import ast
 import os
 import re
-import shutil
 import subprocess
 import sys
 

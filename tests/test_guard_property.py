@@ -18,23 +18,10 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from safe_gthread import guard
+from test_guard import Listener  # a gunicorn listener as far as the guard cares
 
 PATHS = 2
 PIDS = (101, 102, 103)
-
-
-class Log(object):
-    def info(self, msg, *args):
-        pass
-
-
-class Listener(object):
-    def __init__(self, sock):
-        self.sock = sock
-        self.log = Log()
-
-    def getsockname(self):
-        return self.sock.getsockname()
 
 
 def _remove(path):

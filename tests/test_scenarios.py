@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import stat
-import time
 import uuid
 
 import pytest
@@ -253,15 +252,21 @@ def test_abstract_name(gunicorn_server, tmp_path, worker):
 _LISTENING = re.compile(r"Listening at: \S+ \((\d+)\)")
 
 
-@pytest.mark.parametrize("worker", ["stock", "safe"])
-def test_usr2_then_term_old_master(gunicorn_server, worker):
-    server = gunicorn_server(worker)
-    inode = server.inode()
+def usr2(server):
+    """USR2 the master; return the new master's pid once its workers have booted."""
     server.signal(signal.SIGUSR2)
     server.wait_for(lambda: len(_LISTENING.findall(server.log())) >= 2, 20, "the new master")
     new_master = int(_LISTENING.findall(server.log())[-1])
     server.wait_for(lambda: server.booted() >= 2 * server.settings["workers"], 20,
                     "the new master's workers")
+    return new_master
+
+
+@pytest.mark.parametrize("worker", ["stock", "safe"])
+def test_usr2_then_term_old_master(gunicorn_server, worker):
+    server = gunicorn_server(worker)
+    inode = server.inode()
+    new_master = usr2(server)
     stop(server)  # TERM to the old master
     if worker == "stock" and STOCK_WORKERS_UNLINK:
         # Its workers delete the file on the way out: the new master serves nobody.
@@ -286,11 +291,7 @@ def test_usr2_then_term_new_master(gunicorn_server, worker):
         pytest.skip("stock keeps the file here; nothing to control")
     server = gunicorn_server(worker)
     inode = server.inode()
-    server.signal(signal.SIGUSR2)
-    server.wait_for(lambda: len(_LISTENING.findall(server.log())) >= 2, 20, "the new master")
-    new_master = int(_LISTENING.findall(server.log())[-1])
-    server.wait_for(lambda: server.booted() >= 2 * server.settings["workers"], 20,
-                    "the new master's workers")
+    new_master = usr2(server)
     os.kill(new_master, signal.SIGTERM)
     server.wait_for(lambda: pid_gone(new_master), 30, "the new master to exit")
     if worker == "stock":
@@ -326,7 +327,7 @@ def test_worker_class_keeps_the_file(gunicorn_server, worker_class, guarded):
                              graceful_timeout=3)
     try:
         server.wait_ready()
-    except Exception as exc:
+    except Exception:
         if worker_class in ("gevent", "eventlet") and "Traceback" in server.log():
             reason = [line for line in server.log().splitlines() if "Error" in line]
             pytest.skip("the %s worker does not boot on gunicorn %s here: %s"

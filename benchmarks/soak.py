@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Soak: many worker restarts, HUPs mixed in; the arbiter must not grow.
+
+Runs safe_gthread.Worker (the bundled app, a unix socket in a temporary directory) with
+a small max_requests under keep-alive load until ``--restarts`` workers have restarted,
+sending the arbiter a HUP every ``--hup-every`` restarts. It compares the arbiter's open
+file descriptors and resident memory after a warm-up with the same at the end, and
+counts failed requests. Run it with the Python of the environment to soak, e.g.
+
+    .matrix/gunicorn19.6.0-py3.6/bin/python benchmarks/soak.py
+    .matrix/gunicorn27.0.1-py3.13/bin/python benchmarks/soak.py --restarts 2000
+
+Exit status 0 when the fds are the same, RSS grew less than ``--rss-slack`` KiB and no
+request failed; 1 otherwise. Not a test: it takes minutes.
+"""
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from safe_gthread import _load
+from safe_gthread._runner import Gunicorn
+
+
+def arbiter_state(pid):
+    fds = len(os.listdir("/proc/%d/fd" % pid))
+    with open("/proc/%d/status" % pid) as fh:
+        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    return fds, rss
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--restarts", type=int, default=10000)
+    parser.add_argument("--hup-every", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=200, help="restarts before the first reading")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--max-requests", type=int, default=5)
+    parser.add_argument("--rss-slack", type=int, default=1024, help="KiB")
+    parser.add_argument("--max-seconds", type=float, default=1800)
+    args = parser.parse_args(argv)
+    for name in ("restarts", "hup_every", "workers", "max_requests"):
+        if getattr(args, name) < 1:
+            parser.error("--%s must be at least 1" % name.replace("_", "-"))
+
+    directory = tempfile.mkdtemp(prefix="soak-")
+    # Restarts are counted from the log's "Booting worker" lines: loglevel info.
+    server = Gunicorn(directory, "safe", workers=args.workers, threads=2,
+                      max_requests=args.max_requests, keepalive=2)
+    hups = []
+    try:
+        server.start()
+        pid = server.proc.pid
+        _load.run_load(server.sock_path, seconds=args.max_seconds, concurrency=8,
+                       stop=lambda: server.restarts() >= args.warmup)
+        before = arbiter_state(pid)
+        started = time.monotonic()
+        target = server.restarts() + args.restarts
+
+        def progress(result, left):
+            done = server.restarts()
+            if done // args.hup_every > len(hups):
+                hups.append(done)
+                server.signal(signal.SIGHUP)
+            sys.stderr.write("\rsoak: %d/%d restarts, %d HUPs, %d requests, %d failed, %ds   "
+                             % (done - (target - args.restarts), args.restarts, len(hups),
+                                result.requests, result.failed, time.monotonic() - started))
+            sys.stderr.flush()
+
+        result = _load.run_load(server.sock_path, seconds=args.max_seconds, concurrency=8,
+                                stop=lambda: server.restarts() >= target, progress=progress)
+        sys.stderr.write("\n")
+        time.sleep(2)  # let the last retiring workers be reaped
+        after = arbiter_state(pid)
+        restarts = server.restarts() - (target - args.restarts)
+    finally:
+        server.stop()
+    print("restarts %d, HUPs %d, requests %d, failed %d, %.0f s"
+          % (restarts, len(hups), result.requests, result.failed, result.seconds))
+    print("arbiter fds: %d -> %d; RSS: %d KiB -> %d KiB (%+d KiB)"
+          % (before[0], after[0], before[1], after[1], after[1] - before[1]))
+    ok = (after[0] == before[0] and after[1] - before[1] < args.rss_slack
+          and result.failed == 0 and restarts >= args.restarts)
+    print("soak: %s" % ("held" if ok else "FAILED"))
+    if ok:
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        print("log kept in %s" % directory)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
