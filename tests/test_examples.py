@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from safe_gthread import _load
-from safe_gthread._runner import Gunicorn, ServerError, gunicorn_script, _group_alive
+from safe_gthread import _load, _procs
+from safe_gthread._runner import Gunicorn, ServerError, gunicorn_script
 
 from conftest import require_tool
 from versions import STOCK_WORKERS_UNLINK
@@ -267,16 +267,7 @@ class Proxy(object):
     def stop(self):
         if self.proc is None:
             return
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(self.proc.pid):
-                self.proc.poll()
-                time.sleep(0.05)
-        self.proc.poll()
+        _procs.stop_group(self.proc, self.proc.pid, 10.0)
         self._out.close()
 
 
