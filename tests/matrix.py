@@ -36,16 +36,22 @@ CELLS = [
 
 
 def test_requirements(python):
-    """What the tests need besides the package, pinned to what still supports ``python``."""
+    """What the tests need besides the package, pinned to what still supports ``python``.
+
+    gevent and eventlet let tests/test_scenarios.py run the guard under every built-in
+    worker class (gunicorn 20.x's eventlet worker needs eventlet < 0.30.3).
+    """
     if python == "3.6":
-        return ["pytest>=7.0,<7.1", "hypothesis>=6.31,<6.32"]
+        return ["pytest>=7.0,<7.1", "hypothesis>=6.31,<6.32",
+                "eventlet==0.33.3", "gevent>=21,<22.11"]
     if python == "3.7":
         return ["pytest>=7.4,<7.5", "hypothesis>=6.79,<6.80"]
     # mkdocs (tests/test_docs.py builds the site) runs on Python >= 3.8; build and twine
     # (tests/test_packaging.py) are needed in one cell only.
     docs = ["mkdocs>=1.6,<2"]
     packaging = ["build>=1.2,<2", "twine>=6,<8"] if python == "3.13" else []
-    return ["pytest>=8,<9", "hypothesis>=6.100,<7"] + docs + packaging
+    workers = ["eventlet<0.30.3" if python == "3.8" else "eventlet", "gevent"]
+    return ["pytest>=8,<9", "hypothesis>=6.100,<7"] + docs + packaging + workers
 
 
 def find_python(version):
@@ -79,7 +85,7 @@ def prepare(gunicorn, python, wheel):
     if not (os.path.exists(stamp) and open(stamp).read() == "\n".join(pins)):
         shutil.rmtree(venv, ignore_errors=True)
         run([find_python(python), "-m", "venv", venv])
-        pip = [bin_python, "-m", "pip", "install", "-q"]
+        pip = [bin_python, "-m", "pip", "install", "-q", "--prefer-binary"]
         run(pip + ["--upgrade", "pip<22" if python == "3.6" else "pip"])
         run(pip + pins)
         with open(stamp, "w") as fh:
