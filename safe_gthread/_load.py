@@ -104,20 +104,22 @@ def request(address, method="GET", path="/", body=None, timeout=REQUEST_TIMEOUT)
         sock.close()
 
 
-def idle_keepalive(address, timeout=REQUEST_TIMEOUT):
+def idle_keepalive(address, timeout=REQUEST_TIMEOUT, attempts=20):
     """A connection that has carried one request and now sits idle, kept alive: what a
-    proxy's upstream pool holds between bursts. The caller closes it."""
-    sock = _connect(address, timeout)
-    try:
-        sock.sendall(_build("GET", "/", None, keepalive=True))
-        status, headers, _ = _Reader(sock).response()
-    except BaseException:
+    proxy's upstream pool holds between bursts. The caller closes it. A response with
+    ``Connection: close`` (a worker that was retiring) is retried on a new connection."""
+    for _ in range(attempts):
+        sock = _connect(address, timeout)
+        try:
+            sock.sendall(_build("GET", "/", None, keepalive=True))
+            status, headers, _ = _Reader(sock).response()
+        except BaseException:
+            sock.close()
+            raise
+        if status == 200 and headers.get("connection", "").lower() != "close":
+            return sock
         sock.close()
-        raise
-    if status != 200 or headers.get("connection", "").lower() == "close":
-        sock.close()
-        raise ValueError("the server did not keep the connection alive (HTTP %d)" % status)
-    return sock
+    raise ValueError("the server did not keep a connection alive in %d attempts" % attempts)
 
 
 def _classify(exc):

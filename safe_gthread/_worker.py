@@ -185,8 +185,8 @@ class _RetireWithoutLoss(object):
                     pools.append(self.tpool)
                     for pool in pools:
                         pool.shutdown(wait=True)
-                    if not self._waiting_connections():
-                        break
+                    if all(conn in expired for conn in self._waiting_connections()):
+                        break  # nothing new was filed meanwhile
                     self.tpool = self._new_thread_pool()
                     continue
                 if len(expired) == len(waiting):

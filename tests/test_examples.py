@@ -220,12 +220,15 @@ def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started,
     assert result.failed == 0, (result.as_dict(), server.log())
     assert server.inode() == inode
     assert server.serves()
-    log = server.log()
-    assert "Traceback" not in log, log
+    log = server.errorlog()
+    assert server.tracebacks() == 0, server.log()
     assert "safe-gthread" in log and "Worker spawned (pid:" in log  # the boot line, the hook
 
     server.signal(signal.SIGTERM)
-    assert server.wait_exit() == 0, server.log()
+    # A worker still booting when TERM comes has the arbiter's handlers yet and misses it
+    # (stock gunicorn); the arbiter kills it after graceful_timeout, 30 s in the seed's
+    # config. The stop must still end cleanly and remove the socket.
+    assert server.wait_exit(timeout=45) == 0, server.log()
     assert server.inode() is None  # its clean stop removes the socket it bound
 
 
@@ -411,10 +414,10 @@ def test_systemd_socket_activation(app_dir, started):
         result = load(sock_path)
         assert server.restarts() >= 5, server.log()
         assert result.failed == 0, (result.as_dict(), server.log())
-        assert "Traceback" not in server.log()
+        assert server.tracebacks() == 0, server.log()
 
         server.signal(signal.SIGTERM)
-        assert server.wait_exit() == 0, server.log()
+        assert server.wait_exit(timeout=45) == 0, server.log()  # see above: graceful_timeout
         st = os.lstat(sock_path)
         assert (st.st_dev, st.st_ino) == inode, "gunicorn removed systemd's socket"
         # systemd's listener is still there for the next start.
