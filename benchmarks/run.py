@@ -149,10 +149,12 @@ def build_wheel(source):
 
 
 def run_pair(venv, spec):
+    # gunicorn inherits the environment: the bundled app reads its sleep from there.
+    env = dict(os.environ, SAFE_GTHREAD_APP_SLEEP=str(spec.get("app_sleep", 0.0)))
     proc = subprocess.run([os.path.join(venv, "bin", "python"), os.path.abspath(__file__),
                            "--measure", json.dumps(spec)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, cwd=BENCH_DIR,
-                          timeout=spec["seconds"] * 4 + 180)
+                          timeout=spec["seconds"] * 4 + 180, env=env)
     if proc.returncode != 0:
         raise RuntimeError("measurement failed: %s\n%s" % (spec, proc.stderr[-4000:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -205,7 +207,10 @@ def _sum_per_1000(figs):
 
 def markdown(records, args, started, versions):
     cells = summarize(records)
-    out = ["# Benchmarks: safe_gthread.Worker vs the stock gthread worker", "",
+    title = "# Benchmarks: safe_gthread.Worker vs the stock gthread worker"
+    if getattr(args, "app_sleep", 0):
+        title += ", an I/O-bound app"
+    out = [title, "",
            "Produced by `%s` (%s, %s repeats of %ss per worker and cell, paired)." % (
                " ".join(["python3", "benchmarks/run.py"] + args.argv), started, args.repeats,
                args.seconds),
@@ -218,6 +223,16 @@ def markdown(records, args, started, versions):
            "the client). safe/stock is the median of the pairs' ratios. %d-core machine, "
            "shared with other work: absolute figures move, ratios less so." % (
                DIRECT_CLIENTS, os.cpu_count() or 0), "",
+           ("Every request waits %g s in the app (`--app-sleep`), as an app waiting on a "
+            "database does: throughput is bound by the worker threads, not the CPU, and a "
+            "worker slot left empty during a restart costs requests." % args.app_sleep
+            if getattr(args, "app_sleep", 0) else
+            "The app answers at once: on this machine throughput is bound by the CPU, which "
+            "every restart costs whichever worker class runs; see the [I/O-bound page]"
+            "(benchmarks-io.md) for what the successor handoff gives when worker threads "
+            "are the bound."), "",
+           "" if args.no_plot else "![safe vs stock, successful requests/s](%s)\n" % (
+               os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.out)))),
            "| gunicorn | path | max_requests | stock req/s | safe req/s | safe/stock | "
            "stock fails/1k restarts | safe fails/1k restarts | restarts/s stock / safe | "
            "proxy log stock / safe |",
@@ -325,6 +340,9 @@ def main(argv=None):
     parser.add_argument("--max-requests", default="64,512,4096,0")
     parser.add_argument("--seconds", type=float, default=10.0, help="per worker and cell")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--app-sleep", type=float, default=0.0, metavar="SECONDS",
+                        help="each request waits this long in the app (an I/O-bound app: "
+                             "throughput bound by worker threads, not the CPU)")
     parser.add_argument("--source", default=ROOT, help="tree to build the wheel from")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     parser.add_argument("--png", default=os.path.join(ROOT, "docs", "img", "benchmarks.png"))
@@ -367,7 +385,7 @@ def main(argv=None):
     for n, (r, mr, path, version) in enumerate(plan, 1):
         order = ["stock", "safe"] if (r + n) % 2 else ["safe", "stock"]
         spec = {"path": path, "max_requests": mr, "seconds": args.seconds, "order": order,
-                "tmp": tmp}
+                "tmp": tmp, "app_sleep": args.app_sleep}
         pair = run_pair(venvs[version], spec)
         rec = {"version": version[0], "python": version[1], "path": path, "max_requests": mr,
                "repeat": r, "order": order, "stock": pair["stock"], "safe": pair["safe"]}
