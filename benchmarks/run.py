@@ -120,10 +120,11 @@ def _drive(spec, proxy, server, seconds, _load):
 
 # -- the driver: venvs, the loop, the report ---------------------------------------------------
 def prepare_venv(gunicorn, python, wheel):
-    from matrix import find_python
+    from matrix import find_python, gunicorn_requirements
     venv = os.path.join(BENCH_DIR, "gunicorn%s-py%s" % (gunicorn, python))
     stamp = os.path.join(venv, "pins.txt")
-    pin = "gunicorn==%s" % gunicorn
+    pins = gunicorn_requirements(gunicorn)
+    pin = "\n".join(pins)
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q"]
     if not (os.path.exists(stamp) and open(stamp).read() == pin):
@@ -131,7 +132,7 @@ def prepare_venv(gunicorn, python, wheel):
         subprocess.run([find_python(python), "-m", "venv", venv], check=True)
         subprocess.run(pip + ["--upgrade", "pip<22" if python == "3.6" else "pip"],
                        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(pip + [pin], check=True, env=env, stdout=subprocess.DEVNULL,
+        subprocess.run(pip + pins, check=True, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         with open(stamp, "w") as fh:
             fh.write(pin)

@@ -7,6 +7,7 @@ then SIGKILL), never anything by name.
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +110,15 @@ class Gunicorn(object):
 
     def signal(self, sig):
         os.kill(self.proc.pid, sig)
+
+    def reload(self, timeout=20.0):
+        """SIGHUP, then wait until a new set of workers has booted and the old one exited."""
+        booted, exited = self.booted(), self.exited()
+        workers = self.settings["workers"]
+        self.signal(signal.SIGHUP)
+        self.wait_for(lambda: self.booted() >= booted + workers, timeout, "new workers after HUP")
+        self.wait_for(lambda: self.exited() >= exited + workers, timeout,
+                      "the old workers to exit after HUP")
 
     def wait_exit(self, timeout=30.0):
         try:

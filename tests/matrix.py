@@ -35,6 +35,15 @@ CELLS = [
 ]
 
 
+def gunicorn_requirements(gunicorn):
+    """gunicorn itself, and what it needs but does not declare: up to 20.x it imports
+    ``pkg_resources``, which setuptools 81 removed."""
+    pins = ["gunicorn==%s" % gunicorn]
+    if int(gunicorn.split(".")[0]) < 21:
+        pins.append("setuptools<81")
+    return pins
+
+
 def test_requirements(python):
     """What the tests need besides the package, pinned to what still supports ``python``.
 
@@ -79,7 +88,7 @@ def build_wheel(python):
 
 def prepare(gunicorn, python, wheel):
     venv = os.path.join(MATRIX_DIR, "gunicorn%s-py%s" % (gunicorn, python))
-    pins = [("gunicorn==%s" % gunicorn)] + test_requirements(python)
+    pins = gunicorn_requirements(gunicorn) + test_requirements(python)
     stamp = os.path.join(venv, "pins.txt")
     bin_python = os.path.join(venv, "bin", "python")
     if not (os.path.exists(stamp) and open(stamp).read() == "\n".join(pins)):

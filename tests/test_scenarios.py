@@ -334,12 +334,7 @@ def test_worker_class_keeps_the_file(gunicorn_server, worker_class, guarded):
                         % (worker_class, ".".join(map(str, GUNICORN)), reason[-1:]))
         raise
     inode = server.inode()
-    booted = server.booted()
-    server.signal(signal.SIGHUP)
-    server.wait_for(lambda: server.booted() >= booted + server.settings["workers"], 20,
-                    "new workers after HUP")
-    server.wait_for(lambda: server.exited() >= server.settings["workers"], 20,
-                    "old workers to exit")
+    server.reload()
     if not guarded:
         server.wait_for(lambda: server.inode() is None, 10, "the control to lose the file")
         return
