@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from safe_gthread import _load
+from safe_gthread import _load, _procs
 from safe_gthread._runner import Gunicorn
 
 
@@ -30,6 +30,19 @@ def arbiter_state(pid):
     with open("/proc/%d/status" % pid) as fh:
         rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
     return fds, rss
+
+
+def settled_state(pid, workers, timeout=30.0):
+    """The arbiter's state once exactly ``workers`` children are left: a retiring worker's
+    heartbeat file is open in the arbiter until it has been reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = [p for p, ppid, _, _ in _procs.live_processes() if ppid == pid]
+        if len(children) == workers:
+            time.sleep(0.5)  # and reaped (a zombie is not a live process, but holds its slot)
+            return arbiter_state(pid)
+        time.sleep(0.1)
+    return arbiter_state(pid)
 
 
 def main(argv=None):
@@ -56,7 +69,7 @@ def main(argv=None):
         pid = server.proc.pid
         _load.run_load(server.sock_path, seconds=args.max_seconds, concurrency=8,
                        stop=lambda: server.restarts() >= args.warmup)
-        before = arbiter_state(pid)
+        before = settled_state(pid, args.workers)
         started = time.monotonic()
         target = server.restarts() + args.restarts
 
@@ -73,8 +86,7 @@ def main(argv=None):
         result = _load.run_load(server.sock_path, seconds=args.max_seconds, concurrency=8,
                                 stop=lambda: server.restarts() >= target, progress=progress)
         sys.stderr.write("\n")
-        time.sleep(2)  # let the last retiring workers be reaped
-        after = arbiter_state(pid)
+        after = settled_state(pid, args.workers)
         restarts = server.restarts() - (target - args.restarts)
     finally:
         server.stop()
