@@ -4,8 +4,22 @@ Every server safe-gthread starts (gunicorn, h2o, nginx) runs in a session of its
 so its process group id is its leader's pid and takes its workers along.
 """
 import os
+import shutil
 import signal
 import time
+
+
+def find_executable(name):
+    """The path of the program ``name``, or None. Debian puts nginx in /usr/sbin, which a
+    non-root PATH often lacks."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def live_processes():

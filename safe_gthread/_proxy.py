@@ -7,7 +7,6 @@ in a new session with a generated config in its own directory, listening on a fr
 ``stop()`` ends its whole process group (SIGTERM, then SIGKILL), never anything by name.
 """
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -42,18 +41,10 @@ class ProxyError(RuntimeError):
 
 
 def find_binary(kind):
-    """The path of the ``h2o`` or ``nginx`` executable, or None when it is not installed.
-    Debian puts nginx in /usr/sbin, which a non-root PATH often lacks."""
+    """The path of the ``h2o`` or ``nginx`` executable, or None when it is not installed."""
     if kind not in KINDS:
         raise ValueError("unknown proxy %r; expected one of %s" % (kind, ", ".join(KINDS)))
-    found = shutil.which(kind)
-    if found:
-        return found
-    for directory in ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"):
-        path = os.path.join(directory, kind)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
+    return _procs.find_executable(kind)
 
 
 def free_port():

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from safe_gthread import _procs
 from safe_gthread._runner import Gunicorn
 
 
@@ -25,9 +26,7 @@ def gunicorn_server(tmp_path):
 
 def require_tool(name):
     """Skip when a tool is missing on a laptop; fail under CI, where .ci/run installs it."""
-    import shutil
-    path = shutil.which(name) or next(
-        (p for p in ("/usr/sbin/" + name, "/usr/bin/" + name) if os.path.exists(p)), None)
+    path = _procs.find_executable(name)
     if path is None:
         if os.environ.get("CI"):
             pytest.fail("%s is not installed; .ci/run should have installed it" % name)

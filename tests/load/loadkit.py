@@ -2,16 +2,15 @@
 the stock control is held to on each gunicorn version."""
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
 
 import gunicorn
-import pytest
+from conftest import require_tool
 
 from safe_gthread import _load
-from safe_gthread._proxy import Proxy, find_binary
+from safe_gthread._proxy import Proxy
 
 GUNICORN = tuple(gunicorn.version_info)
 
@@ -42,16 +41,6 @@ CONNECTIONS = 200       # wrk -c200, the seed's
 WRK_THREADS = 2         # one per core here
 DIRECT_CLIENTS = 32     # Python keep-alive clients straight on the socket
 POST_BODY = 4096        # bytes: nginx holds it in memory (client_body_buffer_size 8k/16k)
-
-
-def need(kind):
-    """The tool's path; skip when missing on a laptop, fail under CI (.ci/run installs it)."""
-    path = find_binary(kind) if kind in ("h2o", "nginx") else shutil.which(kind)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("%s is not installed; .ci/run should have installed it" % kind)
-        pytest.skip("%s is not installed" % kind)
-    return path
 
 
 class Outcome(object):
@@ -113,7 +102,7 @@ def run_wrk(url, stop, max_seconds=MAX_SECONDS, connections=CONNECTIONS, threads
             script=None):
     """wrk for up to ``max_seconds``, interrupted (SIGINT: it still prints its summary) once
     ``stop()`` is true. Returns (requests, non2xx, socket_errors dict, seconds, output)."""
-    cmd = [need("wrk"), "-t%d" % threads, "-c%d" % connections, "-d%ds" % int(max_seconds),
+    cmd = [require_tool("wrk"), "-t%d" % threads, "-c%d" % connections, "-d%ds" % int(max_seconds),
            "--timeout", "10s"]  # not wrk's 2 s: a slow answer on a busy runner is no loss
     if script:
         cmd += ["-s", script]
@@ -156,7 +145,7 @@ def post_script(directory, size=POST_BODY):
 def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, settings,
                   post=False):
     """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it."""
-    need(kind)
+    require_tool(kind)
     server = gunicorn_server(worker, **settings)
     inode = server.inode()
     proxy = Proxy(kind, tmp_path / ("%s-%s" % (kind, worker)), server.sock_path,
