@@ -37,6 +37,25 @@ def live_processes():
             yield int(entry), int(fields[1]), int(fields[2]), int(fields[3])
 
 
+def children(ppid):
+    """The live (not zombie) children of ``ppid``."""
+    return sorted(pid for pid, parent, _, _ in live_processes() if parent == ppid)
+
+
+def caught_signals(pid):
+    """The set of signal numbers ``pid`` has handlers for (``SigCgt`` in /proc), or None
+    when it is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    mask = int(line.split()[1], 16)
+                    return {n + 1 for n in range(64) if mask >> n & 1}
+    except OSError:
+        return None
+    return None
+
+
 def group_alive(proc, pgid):
     """True while a process of group ``pgid`` lives; reaps the leader ``proc`` first, since
     a zombie leader (or zombies reparented to init) still holds the group id."""

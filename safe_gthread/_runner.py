@@ -85,6 +85,21 @@ class Gunicorn(object):
         self.wait_for(self._serves, timeout, "gunicorn to answer on %s" % self.sock_path)
         self.wait_for(lambda: self.booted() >= self.settings["workers"], timeout,
                       "all workers to boot")
+        self.wait_for(self._workers_listen_to_signals, timeout,
+                      "the workers to install their signal handlers")
+
+    def _workers_listen_to_signals(self):
+        """True once every worker runs its own signal handlers. A worker forks with the
+        arbiter's handlers and swaps them in ``init_signals`` (SIGHUP back to default,
+        SIGTERM its own): a SIGTERM before that is queued in the worker's copy of the
+        arbiter and lost, and one during the swap ends it silently (no "Worker exiting"
+        line), so a test that signals right after start would measure that stock race, not
+        the behaviour it is about."""
+        for pid in self.worker_pids():
+            caught = _procs.caught_signals(pid)
+            if caught is not None and (signal.SIGHUP in caught or signal.SIGTERM not in caught):
+                return False
+        return True
 
     def _serves(self):
         if self.proc.poll() is not None:
@@ -112,13 +127,17 @@ class Gunicorn(object):
         os.kill(self.proc.pid, sig)
 
     def reload(self, timeout=20.0):
-        """SIGHUP, then wait until a new set of workers has booted and the old one exited."""
-        booted, exited = self.booted(), self.exited()
-        workers = self.settings["workers"]
+        """SIGHUP, then wait until a new set of workers has booted, every old one is gone
+        (by pid: a worker ended by a signal logs no "Worker exiting"), and the new ones
+        listen to signals."""
+        booted, old = self.booted(), set(self.worker_pids())
         self.signal(signal.SIGHUP)
-        self.wait_for(lambda: self.booted() >= booted + workers, timeout, "new workers after HUP")
-        self.wait_for(lambda: self.exited() >= exited + workers, timeout,
-                      "the old workers to exit after HUP")
+        self.wait_for(lambda: self.booted() >= booted + self.settings["workers"], timeout,
+                      "new workers after HUP")
+        self.wait_for(lambda: not old.intersection(self.worker_pids()), timeout,
+                      "the old workers %s to exit after HUP" % sorted(old))
+        self.wait_for(self._workers_listen_to_signals, timeout,
+                      "the new workers to install their signal handlers")
 
     def wait_exit(self, timeout=30.0):
         try:
@@ -144,9 +163,10 @@ class Gunicorn(object):
         return len(_BOOTING.findall(self.errorlog()))
 
     def worker_pids(self):
-        text = self.errorlog()
-        exited = set(_EXITING.findall(text))
-        return [int(pid) for pid in _BOOTING.findall(text) if pid not in exited]
+        """The workers alive now: the arbiter's children that logged their boot (a USR2
+        master is a child too, but logs no "Booting worker")."""
+        booted = {int(pid) for pid in _BOOTING.findall(self.errorlog())}
+        return [pid for pid in _procs.children(self.proc.pid) if pid in booted]
 
     def exited(self):
         return len(_EXITING.findall(self.errorlog()))

@@ -29,10 +29,14 @@ def most_alive_at_once(server):
 
 
 @pytest.mark.parametrize("worker", ["stock", "safe"])
-def test_successor_boots_while_predecessor_drains(gunicorn_server, worker):
+def test_successor_boots_while_predecessor_drains(gunicorn_server, monkeypatch, worker):
     if worker == "stock" and STOCK_WORKERS_UNLINK:
         pytest.skip("stock gunicorn 19.6.0 loses its socket at the first restart "
                     "(the control of test_restarts.py)")
+    # Requests that take a little while, as real ones do: on a bare hello-world app a
+    # worker lives for a few milliseconds, so the worker of the other slot has often
+    # already left when a draining worker's successor boots, and no overlap shows.
+    monkeypatch.setenv("SAFE_GTHREAD_APP_SLEEP", "0.01")
     server = gunicorn_server(worker, workers=2, threads=2, max_requests=30, keepalive=5)
     # A few restarts first: the steady state, not the arbiter's own start-up.
     warmup = _load.run_load(server.sock_path, seconds=30, concurrency=8, keepalive_share=1.0,

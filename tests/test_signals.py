@@ -29,11 +29,13 @@ def test_stop_removes_the_socket(gunicorn_server, worker, sig):
 
 
 def _ttin_ttou(server):
-    booted = server.booted()
+    workers = server.settings["workers"]
     server.signal(signal.SIGTTIN)
-    server.wait_for(lambda: server.booted() > booted, 20, "a worker after TTIN")
+    server.wait_for(lambda: len(server.worker_pids()) == workers + 1, 20, "a worker after TTIN")
+    server.wait_ready()
     server.signal(signal.SIGTTOU)
-    server.wait_for(lambda: server.exited() >= 1, 20, "a worker to exit after TTOU")
+    server.wait_for(lambda: len(server.worker_pids()) == workers, 20,
+                    "a worker to exit after TTOU")
 
 
 def _kill_worker(server):
