@@ -30,13 +30,13 @@ HAS_CLOSE_SOCKETS = hasattr(gunicorn_sock, "close_sockets")
 LEGACY_GTHREAD_LOOP = not hasattr(gthread.ThreadWorker, "set_accept_enabled")
 
 #: gunicorn >= 27.0.1: a stopping gthread worker keeps its kept-alive connections for one
-#: more request (``_cap_keepalive``, STOP_KEEPALIVE_LINGER). 24.x - 26.x close a
+#: more request (``_cap_keepalive``, STOP_KEEPALIVE_LINGER). 24.0 - 27.0.0 close a
 #: connection whose response had just promised keep-alive, and wait for idle ones
 #: until ``graceful_timeout`` without closing them.
 GTHREAD_LINGERS_ON_STOP = hasattr(gthread.ThreadWorker, "_cap_keepalive")
 
-#: Which gthread loop this is: "legacy" (19.x - 23.x), "method-queue" (24.x - 26.x) or
-#: "graceful" (27.0.1 and later); ``safe_gthread.Worker`` picks its retirement by it.
+#: Which gthread loop this is: "legacy" (19.x - 23.x), "method-queue" (24.0 - 27.0.0) or
+#: "graceful" (27.0.1 and later; 27.0.0 is still "method-queue"); ``safe_gthread.Worker`` picks its retirement by it.
 if LEGACY_GTHREAD_LOOP:
     GTHREAD_GENERATION = "legacy"
 elif GTHREAD_LINGERS_ON_STOP:
@@ -44,7 +44,14 @@ elif GTHREAD_LINGERS_ON_STOP:
 else:
     GTHREAD_GENERATION = "method-queue"
 
-#: 26.x: ``handle()`` returns this marker for a connection that sent nothing yet.
+#: gunicorn 27.0.0 only: its stop loop leaves as soon as nothing but kept-alive
+#: connections is left, then closes them all at once (``murder_keepalived(force=True)``),
+#: though a proxy may already have sent a request on one; 27.0.1 lingers first.
+STOP_CLOSES_KEPT_ALIVE_AT_ONCE = (
+    "force" in gthread.ThreadWorker.murder_keepalived.__code__.co_varnames
+    and not GTHREAD_LINGERS_ON_STOP)
+
+#: 25.3 and later: ``handle()`` returns this marker for a connection that sent nothing yet.
 GTHREAD_DEFER = getattr(gthread, "_DEFER", None)
 
 #: The ThreadWorker method that serves the next request on a kept-alive connection:

@@ -35,14 +35,15 @@ class _AnnounceRetirement(object):
 
 
 class _LingerWhileRetiring(_AnnounceRetirement):
-    """gunicorn 24.x - 26.x: give the method-queue loop 27.0.1's stop path.
+    """gunicorn 24.0 - 27.0.0: give the method-queue loop 27.0.1's stop path.
 
     Their stop path closes a connection whose response had just promised keep-alive
     (the client may already have sent its next request on it), and waits for idle
     kept-alive connections without ever closing them until ``graceful_timeout``.
     Here, as in 27.0.1, such a connection is kept for one more request, answered with
     ``Connection: close``, and every kept-alive connection is closed once idle for
-    ``RETIRE_LINGER``.
+    ``RETIRE_LINGER``. 27.0.0 instead closes every kept-alive connection at once when
+    its in-flight requests are done; there the same lingering runs first.
     """
 
     _linger_until = None
@@ -81,14 +82,35 @@ class _LingerWhileRetiring(_AnnounceRetirement):
             self.nr_conns -= 1
             conn.close()
 
+    if _compat.STOP_CLOSES_KEPT_ALIVE_AT_ONCE:
+        def murder_keepalived(self, force=False):
+            if force and not self.alive:
+                self._linger_before_closing()
+            return super(_LingerWhileRetiring, self).murder_keepalived(force=force)
+
+    def _linger_before_closing(self):
+        """Serve what still arrives on kept-alive connections until each has carried
+        one more request or reached the linger deadline (within ``graceful_timeout`` of
+        the stop), as 27.0.1's stop loop does."""
+        graceful_until = self._linger_deadline() - RETIRE_LINGER + self.cfg.graceful_timeout
+        while self.nr_conns > 0 and time.monotonic() < graceful_until:
+            self.wait_for_and_dispatch_events(timeout=1.0)
+            self.murder_keepalived()
+            self.murder_pending()
+
     def wait_for_and_dispatch_events(self, timeout):
         if not self.alive:
             # The stop path waits up to graceful_timeout for an event; wake up for the
             # next keep-alive expiry instead, and keep telling the arbiter we live.
+            # (Once the linger deadline has passed, only a kept-alive expiry still due
+            # shortens the wait: in-flight requests must not make it spin.)
             self.notify()
-            timeout = min(timeout, 1.0, max(self._linger_deadline() - time.monotonic(), 0.0))
+            now = time.monotonic()
+            timeout = min(timeout, 1.0)
+            if self._linger_deadline() > now:
+                timeout = min(timeout, self._linger_deadline() - now)
             if self.keepalived_conns:
-                timeout = min(timeout, max(self.keepalived_conns[0].timeout - time.monotonic(), 0.0))
+                timeout = min(timeout, max(self.keepalived_conns[0].timeout - now, 0.0))
         return super(_LingerWhileRetiring, self).wait_for_and_dispatch_events(timeout)
 
 

@@ -33,11 +33,15 @@ def test_get_thread_pool_from_20():
 def test_gthread_generation():
     if GUNICORN < (24,):
         expected = "legacy"
-    elif GUNICORN < (27,):
+    elif GUNICORN < (27, 0, 1):  # 27.0.0 still has the 24.x stop path
         expected = "method-queue"
     else:
         expected = "graceful"
     assert _compat.GTHREAD_GENERATION == expected
+
+
+def test_only_27_0_0_closes_kept_alive_connections_at_once_on_stop():
+    assert _compat.STOP_CLOSES_KEPT_ALIVE_AT_ONCE == (GUNICORN == (27, 0, 0))
 
 
 def test_worker_takes_the_branch_for_this_generation():

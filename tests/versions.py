@@ -10,6 +10,10 @@ GUNICORN = tuple(gunicorn.version_info)
 #: the stock worker, our control, must lose the socket file there.
 STOCK_WORKERS_UNLINK = GUNICORN < (19, 7)
 
+#: gunicorn >= 27.0.1: a retiring stock gthread worker answers one more request on each
+#: kept-alive connection and loses nothing (27.0.0 still closes them at once).
+STOCK_RETIRES_WITHOUT_LOSS = GUNICORN >= (27, 0, 1)
+
 #: The ``reuse_port`` setting exists from 19.8 (19.6.0 ignores the name in a config file).
 HAS_REUSE_PORT = GUNICORN >= (19, 8)
 
