@@ -37,8 +37,7 @@ def settled_state(pid, workers, timeout=30.0):
     heartbeat file is open in the arbiter until it has been reaped."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = [p for p, ppid, _, _ in _procs.live_processes() if ppid == pid]
-        if len(children) == workers:
+        if len(_procs.children(pid)) == workers:
             time.sleep(0.5)  # and reaped (a zombie is not a live process, but holds its slot)
             return arbiter_state(pid)
         time.sleep(0.1)

@@ -14,6 +14,7 @@ is printed whole when the cell ends. The last line is the total over all cells:
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,12 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".matrix")
 
 #: (gunicorn, Python): the seed's version on its Python and on the newest it runs on,
-#: the first fixed 19.x, each major line after it (26.0.0 for the 24.x - 26.x gthread
-#: loop, which has a retirement of its own), and the newest on two Pythons.
+#: the first fixed 19.x, each major line after it (26.0.0 for the 24.0 - 27.0.0 gthread
+#: loop, which has a retirement of its own; 27.0.0, whose stop closes kept-alive
+#: connections at once), and the newest on two Pythons.
 CELLS = [
     ("19.6.0", "3.6"), ("19.6.0", "3.9"), ("19.9.0", "3.6"), ("20.1.0", "3.8"),
-    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("26.0.0", "3.12"), ("27.0.1", "3.12"),
-    ("27.0.1", "3.13"),
+    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("26.0.0", "3.12"), ("27.0.0", "3.12"),
+    ("27.0.1", "3.12"), ("27.0.1", "3.13"),
 ]
 
 
@@ -149,6 +151,23 @@ def run_cell(number, total, gunicorn, python, wheel, extra):
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
 
 
+_CELL = re.compile(r"^(\d+\.\d+(?:\.\d+)?)-(3\.\d+)$")
+
+
+def parse_cells(text):
+    """``"19.6.0-3.6,27.0.1-3.13"`` -> ``[("19.6.0", "3.6"), ("27.0.1", "3.13")]``."""
+    cells = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = _CELL.match(item)
+        if not match:
+            raise argparse.ArgumentTypeError(
+                "%r is not a gunicorn-python cell such as 19.6.0-3.6" % item)
+        cells.append(match.groups())
+    if not cells:
+        raise argparse.ArgumentTypeError("no cell given")
+    return cells
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = []
@@ -156,22 +175,19 @@ def main(argv=None):
         extra = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cells", help="comma-separated gunicorn-python cells, e.g. 19.6.0-3.6")
+    parser.add_argument("--cells", type=parse_cells,
+                        help="comma-separated gunicorn-python cells, e.g. 19.6.0-3.6; "
+                             "any released gunicorn and installed Python, not only the "
+                             "matrix's (default: %s)" % ",".join("-".join(c) for c in CELLS))
     parser.add_argument("--jobs", type=int, default=2,
                         help="cells run side by side (default 2; each cell's output is "
                              "printed whole when it ends)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    cells = CELLS
-    if args.cells:
-        wanted = [tuple(c.split("-", 1)) for c in args.cells.split(",")]
-        unknown = [c for c in wanted if c not in CELLS]
-        if unknown:
-            parser.error("unknown cell(s): %s; known: %s" % (
-                ", ".join("-".join(c) for c in unknown),
-                ", ".join("-".join(c) for c in CELLS)))
-        cells = wanted
+    cells = args.cells or CELLS
+    for _, python in cells:
+        find_python(python)  # a missing interpreter fails here, before any venv is built
     os.makedirs(MATRIX_DIR, exist_ok=True)
     wheel = build_wheel(sys.executable)
     totals = {"passed": 0, "failed": 0, "skipped": 0}
