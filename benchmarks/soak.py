@@ -5,10 +5,16 @@ Runs safe_gthread.Worker (the bundled app, a unix socket in a temporary director
 a small max_requests under keep-alive load until ``--restarts`` workers have restarted,
 sending the arbiter a HUP every ``--hup-every`` restarts. It compares the arbiter's open
 file descriptors and resident memory after a warm-up with the same at the end, and
-counts failed requests. Run it with the Python of the environment to soak, e.g.
+counts failed requests; the RSS is also printed every ``--sample-every`` restarts, so a
+leak (a line that keeps rising) can be told from warm-up (a step, then flat). Run it with
+the Python of the environment to soak, e.g.
 
     .matrix/gunicorn19.6.0-py3.6/bin/python benchmarks/soak.py
     .matrix/gunicorn27.0.1-py3.13/bin/python benchmarks/soak.py --restarts 2000
+    .matrix/gunicorn27.0.1-py3.13/bin/python benchmarks/soak.py --worker stock  # the control
+
+``--worker stock`` soaks gunicorn's own gthread worker, the control for the arbiter's
+growth; on gunicorn versions whose worker deletes the socket it fails at the first restart.
 
 Exit status 0 when the fds are the same, RSS grew less than ``--rss-slack`` KiB and no
 request failed; 1 otherwise. Not a test: it takes minutes.
@@ -20,6 +26,8 @@ import signal
 import sys
 import tempfile
 import time
+
+import gunicorn
 
 from safe_gthread import _load, _procs
 from safe_gthread._runner import Gunicorn
@@ -46,6 +54,7 @@ def settled_state(pid, workers, timeout=30.0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=("safe", "stock"), default="safe")
     parser.add_argument("--restarts", type=int, default=10000)
     parser.add_argument("--hup-every", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=200, help="restarts before the first reading")
@@ -53,16 +62,18 @@ def main(argv=None):
     parser.add_argument("--max-requests", type=int, default=5)
     parser.add_argument("--rss-slack", type=int, default=1024, help="KiB")
     parser.add_argument("--max-seconds", type=float, default=1800)
+    parser.add_argument("--sample-every", type=int, default=1000, help="restarts")
     args = parser.parse_args(argv)
-    for name in ("restarts", "hup_every", "workers", "max_requests"):
+    for name in ("restarts", "hup_every", "workers", "max_requests", "sample_every"):
         if getattr(args, name) < 1:
             parser.error("--%s must be at least 1" % name.replace("_", "-"))
 
     directory = tempfile.mkdtemp(prefix="soak-")
     # Restarts are counted from the log's "Booting worker" lines: loglevel info.
-    server = Gunicorn(directory, "safe", workers=args.workers, threads=2,
+    server = Gunicorn(directory, args.worker, workers=args.workers, threads=2,
                       max_requests=args.max_requests, keepalive=2)
     hups = []
+    samples = []  # (restarts, RSS KiB), read on the fly: fds vary with retiring workers
     try:
         server.start()
         pid = server.proc.pid
@@ -70,15 +81,18 @@ def main(argv=None):
                        stop=lambda: server.restarts() >= args.warmup)
         before = settled_state(pid, args.workers)
         started = time.monotonic()
-        target = server.restarts() + args.restarts
+        first = server.restarts()
+        target = first + args.restarts
 
         def progress(result, left):
             done = server.restarts()
+            if (done - first) // args.sample_every > len(samples):
+                samples.append((done - first, arbiter_state(pid)[1]))
             if done // args.hup_every > len(hups):
                 hups.append(done)
                 server.signal(signal.SIGHUP)
             sys.stderr.write("\rsoak: %d/%d restarts, %d HUPs, %d requests, %d failed, %ds   "
-                             % (done - (target - args.restarts), args.restarts, len(hups),
+                             % (done - first, args.restarts, len(hups),
                                 result.requests, result.failed, time.monotonic() - started))
             sys.stderr.flush()
 
@@ -86,11 +100,15 @@ def main(argv=None):
                                 stop=lambda: server.restarts() >= target, progress=progress)
         sys.stderr.write("\n")
         after = settled_state(pid, args.workers)
-        restarts = server.restarts() - (target - args.restarts)
+        restarts = server.restarts() - first
     finally:
         server.stop()
+    print("worker %s, gunicorn %s, Python %s" % (args.worker, gunicorn.__version__,
+                                                 sys.version.split()[0]))
     print("restarts %d, HUPs %d, requests %d, failed %d, %.0f s"
           % (restarts, len(hups), result.requests, result.failed, result.seconds))
+    print("arbiter RSS KiB by restarts: 0: %d, %s"
+          % (before[1], ", ".join("%d: %d" % sample for sample in samples)))
     print("arbiter fds: %d -> %d; RSS: %d KiB -> %d KiB (%+d KiB)"
           % (before[0], after[0], before[1], after[1], after[1] - before[1]))
     ok = (after[0] == before[0] and after[1] - before[1] < args.rss_slack
