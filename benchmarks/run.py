@@ -252,6 +252,14 @@ def markdown(records, args, started, versions):
             _fmt(rps(cell["safe"]), "%.1f"), sum(f["proxy_errors"] for f in cell["stock"]),
             sum(f["proxy_errors"] for f in cell["safe"])))
     out += ["", "## The issue's targets", ""] + targets(cells, args) + [""]
+    idle = [r for (_, _, mr), c in cells.items() if mr == 0 for r in c["ratios"]]
+    if idle:
+        out += ["The noise: with max_requests=0 no worker retires, so both run the same "
+                "request path (the safe worker adds no work until it retires); their %d "
+                "pairs' ratios spread from %.2f to %.2f in this run, where 1.00 is the truth. "
+                "A target met or missed by less than that spread is not a measured difference: "
+                "more and longer repeats (`--repeats`, `--seconds`) narrow it." % (
+                    len(idle), min(idle), max(idle)), ""]
     lost = [(k, f) for k, c in cells.items() for f in c["safe"]
             if f["failed"] or f["proxy_errors"] or not f["socket_kept"] or f["tracebacks"]]
     out.append("Safe-worker runs with any failure, proxy-log error, lost socket or traceback: "
@@ -366,8 +374,16 @@ def main(argv=None):
     os.makedirs(BENCH_DIR, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M")
     if args.from_records:
+        # The report names the command and the date of the run that made the records.
         with open(args.from_records) as fh:
             records = json.load(fh)
+        i = argv.index("--from-records") if "--from-records" in argv else None
+        args.argv = argv[:i] + argv[i + 2:] if i is not None else [
+            a for a in argv if not a.startswith("--from-records")]
+        started = records[0].get("started") if records else None
+        if not started:  # records written before they carried the start
+            started = "finished " + time.strftime("%Y-%m-%d %H:%M", time.localtime(
+                os.path.getmtime(args.from_records)))
         text = markdown(records, args, started, versions)
         with open(args.out, "w") as fh:
             fh.write(text)
@@ -389,7 +405,8 @@ def main(argv=None):
                 "tmp": tmp, "app_sleep": args.app_sleep}
         pair = run_pair(venvs[version], spec)
         rec = {"version": version[0], "python": version[1], "path": path, "max_requests": mr,
-               "repeat": r, "order": order, "stock": pair["stock"], "safe": pair["safe"]}
+               "repeat": r, "order": order, "stock": pair["stock"], "safe": pair["safe"],
+               "started": started}
         records.append(rec)
         with open(records_path, "w") as fh:
             json.dump(records, fh, indent=1)
