@@ -36,7 +36,8 @@ LEGACY_GTHREAD_LOOP = not hasattr(gthread.ThreadWorker, "set_accept_enabled")
 GTHREAD_LINGERS_ON_STOP = hasattr(gthread.ThreadWorker, "_cap_keepalive")
 
 #: Which gthread loop this is: "legacy" (19.x - 23.x), "method-queue" (24.0 - 27.0.0) or
-#: "graceful" (27.0.1 and later; 27.0.0 is still "method-queue"); ``safe_gthread.Worker`` picks its retirement by it.
+#: "graceful" (27.0.1 and later; 27.0.0 is still "method-queue");
+#: ``safe_gthread.Worker`` picks its retirement by it.
 if LEGACY_GTHREAD_LOOP:
     GTHREAD_GENERATION = "legacy"
 elif GTHREAD_LINGERS_ON_STOP:

@@ -88,15 +88,16 @@ class _LingerWhileRetiring(_AnnounceRetirement):
                 self._linger_before_closing()
             return super(_LingerWhileRetiring, self).murder_keepalived(force=force)
 
-    def _linger_before_closing(self):
-        """Serve what still arrives on kept-alive connections until each has carried
-        one more request or reached the linger deadline (within ``graceful_timeout`` of
-        the stop), as 27.0.1's stop loop does."""
-        graceful_until = self._linger_deadline() - RETIRE_LINGER + self.cfg.graceful_timeout
-        while self.nr_conns > 0 and time.monotonic() < graceful_until:
-            self.wait_for_and_dispatch_events(timeout=1.0)
-            self.murder_keepalived()
-            self.murder_pending()
+        def _linger_before_closing(self):
+            """Serve what still arrives on kept-alive connections until each has carried
+            one more request or reached the linger deadline (within ``graceful_timeout``
+            of the stop), as 27.0.1's stop loop does."""
+            graceful_until = (self._linger_deadline() - RETIRE_LINGER
+                              + self.cfg.graceful_timeout)
+            while self.nr_conns > 0 and time.monotonic() < graceful_until:
+                self.wait_for_and_dispatch_events(timeout=1.0)
+                self.murder_keepalived()
+                self.murder_pending()
 
     def wait_for_and_dispatch_events(self, timeout):
         if not self.alive:
