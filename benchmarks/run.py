@@ -46,9 +46,9 @@ WARMUP = 1.0
 def measure(spec):
     """Run one pair (stock and safe, in spec["order"]) and return their figures."""
     import tempfile
-    from safe_gthread._runner import Gunicorn
-    from safe_gthread._proxy import Proxy, free_port
-    from safe_gthread import _load
+    from safe_gthread.check.runner import Gunicorn
+    from safe_gthread.check.proxy import Proxy, free_port
+    from safe_gthread.check import load as _load
 
     results = {}
     for worker in spec["order"]:

@@ -29,8 +29,8 @@ import time
 
 import gunicorn
 
-from safe_gthread import _load, _procs
-from safe_gthread._runner import Gunicorn
+from safe_gthread.check import load as _load, procs as _procs
+from safe_gthread.check.runner import Gunicorn
 
 
 def arbiter_state(pid):

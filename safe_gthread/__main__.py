@@ -1,7 +1,7 @@
 """``python -m safe_gthread check``: the same as the ``safe-gthread`` console script."""
 import sys
 
-from .cli import main
+from .check.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,9 +40,9 @@ import threading
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 
-from . import _compat
+from . import _compat, _patch
 
-__all__ = ["install", "uninstall", "installed", "unlink_decision", "probe"]
+__all__ = ["install", "uninstall", "installed"]
 
 #: Attribute on a gunicorn listener: ``(pid, st_dev, st_ino)`` of the path it bound.
 OWNER_ATTR = "_safe_gthread_owner"
@@ -54,7 +54,9 @@ ENV_REPLACE_LIVE = "SAFE_GTHREAD_REPLACE_LIVE"
 PROBE_TIMEOUT = 1.0
 
 _lock = threading.Lock()
-_originals = {}  # (namespace, name) -> the object gunicorn had there
+_installed = []  # the (namespace, name) pairs this install() wrapped
+#: The registry key of the guard's layers (see ``_patch``).
+PATCH_KEY = "safe_gthread.guard"
 
 
 class Refused(Exception):
@@ -288,10 +290,9 @@ def _handover(listeners, pid=None):
 
 # -- the wrappers installed into gunicorn ------------------------------------------------
 
-def _init(self, addr, conf, log, fd=None):
-    original = _originals[(gunicorn_sock.UnixSocket, "__init__")]
+def _init(original, self, addr, conf, log, fd=None, **kwargs):
     if fd is not None:  # GUNICORN_FD (USR2) or systemd: already bound, never probed
-        original(self, addr, conf, log, fd=fd)
+        original(self, addr, conf, log, fd=fd, **kwargs)
         _adopt(self)
         return
     try:
@@ -300,9 +301,9 @@ def _init(self, addr, conf, log, fd=None):
             check_path(addr, log)
         try:
             if is_filesystem_path(addr):
-                original(self, addr, conf, log)
+                original(self, addr, conf, log, **kwargs)
             else:  # abstract: nothing to stat or remove
-                gunicorn_sock.BaseSocket.__init__(self, addr, conf, log)
+                gunicorn_sock.BaseSocket.__init__(self, addr, conf, log, **kwargs)
         except OSError as exc:
             raise Refused(_bind_failure(addr, exc))
     except Refused as refused:
@@ -310,16 +311,16 @@ def _init(self, addr, conf, log, fd=None):
         raise SystemExit(_exit_status(conf))
 
 
-def _bind(self, sock):
+def _bind(original, self, sock, *args, **kwargs):
     if isinstance(self.cfg_addr, str) and self.cfg_addr.startswith("\0"):
         sock.bind(self.cfg_addr)  # abstract: no file to chown
         return
-    _originals[(gunicorn_sock.UnixSocket, "bind")](self, sock)
+    original(self, sock, *args, **kwargs)
     _record_owner(self, sock.getsockname())
 
 
-def _close(self):
-    # gunicorn <= 19.6.0's UnixSocket.close() unlinks first, in any process.
+def _close(original, self, *args, **kwargs):
+    # gunicorn <= 19.6.0's UnixSocket.close() unlinks first, in any process: never call it.
     if self.sock is None:
         return
     if is_filesystem_path(self.cfg_addr):
@@ -327,27 +328,30 @@ def _close(self):
     gunicorn_sock.BaseSocket.close(self)
 
 
-def _close_sockets(listeners, unlink=True):
+def _close_sockets(original, listeners, unlink=True, *args, **kwargs):
     # gunicorn >= 19.7.0: the arbiter's stop() and reload() call this; ``unlink`` is
     # gunicorn's own decision (False with a USR2 successor, systemd or reuse_port).
     # Checked before closing: while the listener is open its file's inode cannot be
     # freed, so its number cannot belong to another file yet.
     if unlink:
         for listener in listeners:
-            name = listener.getsockname()
+            try:
+                name = listener.getsockname()
+            except OSError:
+                continue  # already closed
             if is_filesystem_path(name):
                 _unlink_if_owned(listener, name)
-    _originals[(gunicorn_sock, "close_sockets")](listeners, False)
+    original(listeners, False, *args, **kwargs)
 
 
-def _reexec(self):
+def _reexec(original, self, *args, **kwargs):
     env = self.cfg.env_orig
     saved = env.pop(ENV_SOCKETS, None)
     handed = _handover(self.LISTENERS)
     if handed:
         env[ENV_SOCKETS] = handed
     try:
-        return _originals[(gunicorn_arbiter.Arbiter, "reexec")](self)
+        return original(self, *args, **kwargs)
     finally:
         env.pop(ENV_SOCKETS, None)
         if saved is not None:
@@ -355,6 +359,7 @@ def _reexec(self):
 
 
 def _targets():
+    """What the guard wraps on this gunicorn: ``(namespace, name, impl)``."""
     yield gunicorn_sock.UnixSocket, "__init__", _init
     yield gunicorn_sock.UnixSocket, "bind", _bind
     if _compat.UNIX_CLOSE_UNLINKS:
@@ -364,32 +369,38 @@ def _targets():
     yield gunicorn_arbiter.Arbiter, "reexec", _reexec
 
 
-def install():
+def install(log=None):
     """Install the guard in this process; return False if it was already installed.
 
     Call it in the arbiter before it binds (a gunicorn config file is the place);
-    workers forked afterwards inherit it.
+    workers forked afterwards inherit it. A target missing on this gunicorn is left
+    alone and named in one WARNING line.
     """
     with _lock:
-        if _originals:
+        if _installed:
             return False
-        for namespace, name, wrapper in _targets():
-            _originals[(namespace, name)] = vars(namespace)[name]
-            setattr(namespace, name, wrapper)
+        missing = []
+        for namespace, name, impl in _targets():
+            if _patch.wrap(namespace, name, impl, key=PATCH_KEY):
+                _installed.append((namespace, name))
+            elif not _patch.is_wrapped(namespace, name, key=PATCH_KEY):
+                missing.append("%s.%s" % (getattr(namespace, "__name__", namespace), name))
+        if missing:
+            _compat.warn_unrecognised("the socket guard", missing, log)
         return True
 
 
 def uninstall():
-    """Put back what gunicorn had; return False if the guard was not installed."""
+    """Remove the guard's own wrappers (only ours); False if it was not installed."""
     with _lock:
-        if not _originals:
+        if not _installed:
             return False
-        for (namespace, name), original in _originals.items():
-            setattr(namespace, name, original)
-        _originals.clear()
+        for namespace, name in reversed(_installed):
+            _patch.unwrap(namespace, name, key=PATCH_KEY)
+        del _installed[:]
         return True
 
 
 def installed():
     """True while the guard is installed in this process."""
-    return bool(_originals)
+    return bool(_installed)

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from safe_gthread import _procs
-from safe_gthread._runner import Gunicorn
+from safe_gthread.check import procs as _procs
+from safe_gthread.check.runner import Gunicorn
 
 
 @pytest.fixture

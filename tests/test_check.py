@@ -19,7 +19,7 @@ import gunicorn
 import pytest
 
 from conftest import require_tool
-from safe_gthread import _procs
+from safe_gthread.check import procs as _procs
 from versions import STOCK_RETIRES_WITHOUT_LOSS, STOCK_WORKERS_UNLINK
 
 SECONDS = "3"  # of load per worker class: enough for tens of restarts at max_requests 50
@@ -140,7 +140,7 @@ def test_cannot_run_exits_2(scratch, tmp_path):
 @pytest.mark.parametrize("kind", ["h2o", "nginx"])
 def test_proxy(scratch, kind):
     try:
-        import safe_gthread._proxy  # noqa: F401
+        import safe_gthread.check.proxy  # noqa: F401
     except ImportError:
         # Not written yet: --proxy must say so, cleanly.
         proc = run_check(scratch, "--proxy", kind, *FAST)
@@ -161,7 +161,7 @@ def test_proxy(scratch, kind):
 def test_report_exit_status_when_the_safe_worker_fails():
     """The one outcome a real run cannot show (the worker holds): its verdict and status."""
     import argparse
-    from safe_gthread import cli
+    from safe_gthread.check import cli
 
     args = argparse.Namespace(seconds=3, max_requests=50, workers=2, threads=2, proxy=None,
                               json=False)

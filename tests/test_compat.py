@@ -3,7 +3,7 @@ computed from gunicorn itself; these version facts pin them)."""
 from gunicorn.workers.gthread import ThreadWorker
 
 import safe_gthread
-from safe_gthread import _compat, _worker
+from safe_gthread import _compat, _retire
 from versions import GUNICORN
 
 
@@ -46,15 +46,15 @@ def test_only_27_0_0_closes_kept_alive_connections_at_once_on_stop():
 
 def test_worker_takes_the_branch_for_this_generation():
     assert issubclass(safe_gthread.Worker, ThreadWorker)
-    retirement = {"legacy": _worker._RetireWithoutLoss,
-                  "method-queue": _worker._LingerWhileRetiring,
-                  "graceful": _worker._AnnounceRetirement}[_compat.GTHREAD_GENERATION]
-    assert safe_gthread.Worker.__mro__[1] is retirement
+    module = {"legacy": "legacy", "method-queue": "method_queue",
+              "graceful": "graceful"}[_compat.GTHREAD_GENERATION]
+    assert safe_gthread.Worker.__mro__[1].__module__ == "safe_gthread._retire." + module
+    assert safe_gthread.Worker.__mro__[1] is _retire.for_generation()
 
 
 def test_boot_line_once_naming_the_protections(gunicorn_server):
     server = gunicorn_server("safe", max_requests=5)
-    from safe_gthread import _load
+    from safe_gthread.check import load as _load
     _load.run_load(server.sock_path, seconds=20, concurrency=4, stop=lambda: server.restarts() >= 3)
     assert server.restarts() >= 3, server.log()
     line = "safe-gthread %s on gunicorn %s" % (safe_gthread.__version__, _compat.GUNICORN_VERSION)

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from safe_gthread import _load, _procs
-from safe_gthread._runner import Gunicorn, ServerError, gunicorn_script
+from safe_gthread.check import load as _load, procs as _procs
+from safe_gthread.check.runner import Gunicorn, ServerError, gunicorn_script
 
 from conftest import require_tool
 from versions import STOCK_WORKERS_UNLINK

@@ -9,7 +9,7 @@ import pytest
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 
-from safe_gthread import _compat, guard
+from safe_gthread import _compat, _patch, guard
 from versions import GUNICORN
 
 
@@ -98,16 +98,21 @@ def test_install_is_idempotent_and_uninstall_restores(pristine):
     assert _patched() == before
     assert guard.uninstall() is False
     assert not guard.installed()
-    assert guard.install() is True and _patched() == during
+    assert guard.install() is True
+    assert all(getattr(value, "_safe_gthread_layer", None) is not None
+               and value.__wrapped__ is before[key] for key, value in _patched().items())
 
 
 def test_callers_look_the_names_up(pristine):
     # The arbiter calls ``sock.close_sockets`` and ``self.reexec`` through the module and
     # the class, so patching them there reaches every caller.
     guard.install()
-    assert gunicorn_arbiter.Arbiter.reexec is guard._reexec
+    assert gunicorn_arbiter.Arbiter.reexec._safe_gthread_layer.key == guard.PATCH_KEY
     if _compat.HAS_CLOSE_SOCKETS:
-        assert gunicorn_arbiter.sock.close_sockets is guard._close_sockets
+        wrapper = gunicorn_arbiter.sock.close_sockets
+        assert wrapper._safe_gthread_layer.key == guard.PATCH_KEY
+        assert wrapper.__wrapped__ is _patch.original(gunicorn_arbiter.sock, "close_sockets",
+                                                      key=guard.PATCH_KEY)
 
 
 def test_compat_flags_match_the_version():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from safe_gthread import _load
+from safe_gthread.check import load as _load
 from versions import STOCK_WORKERS_UNLINK
 
 _EVENT = re.compile(r"(Booting worker with pid|Worker exiting \(pid): (\d+)")

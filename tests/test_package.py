@@ -14,6 +14,7 @@ def test_tests_run_against_the_installed_package_not_the_source_tree():
 
 def test_public_names():
     assert sorted(safe_gthread.__all__) == ["Worker", "__version__", "guard"]
+    assert sorted(safe_gthread.guard.__all__) == ["install", "installed", "uninstall"]
     assert callable(safe_gthread.guard.install) and callable(safe_gthread.guard.uninstall)
 
 
@@ -26,3 +27,17 @@ def test_version_matches_metadata():
         def version(name):
             return get_distribution(name).version
     assert safe_gthread.__version__ == version("safe-gthread")
+
+
+def test_importing_the_worker_loads_none_of_the_check_tooling():
+    # What ``gunicorn -k safe_gthread.Worker`` imports in production: the worker, the
+    # guard and the runtime they need, never the check command or the test rig.
+    import subprocess
+    import sys
+    code = ("import sys, safe_gthread; "
+            "print(sorted(m for m in sys.modules if m.startswith('safe_gthread')))")
+    loaded = subprocess.check_output([sys.executable, "-c", code], cwd="/").decode()
+    assert "safe_gthread.check" not in loaded, loaded
+    generations = [name for name in ("legacy", "method_queue", "graceful")
+                   if "safe_gthread._retire.%s'" % name in loaded]
+    assert len(generations) == 1, loaded  # only this gunicorn's retirement

@@ -5,7 +5,7 @@ or this test proves nothing.
 """
 import pytest
 
-from safe_gthread import _load
+from safe_gthread.check import load as _load
 from versions import STOCK_WORKERS_UNLINK
 
 RESTARTS = 50

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from safe_gthread import _load
+from safe_gthread.check import load as _load
 from versions import (GUNICORN, HAS_REUSE_PORT, KERNEL_REFUSES_UNIX_REUSEPORT,
                       REUSE_PORT_BINDS_IN_WORKERS, STOCK_BINDS_ABSTRACT,
                       STOCK_CLASSES_LOSING_FILE, STOCK_WORKERS_UNLINK)

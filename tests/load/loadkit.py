@@ -9,8 +9,8 @@ import time
 import gunicorn
 from conftest import require_tool
 
-from safe_gthread import _load
-from safe_gthread._proxy import Proxy
+from safe_gthread.check import load as _load
+from safe_gthread.check.proxy import Proxy
 
 GUNICORN = tuple(gunicorn.version_info)
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-from . import _load, _procs
+from . import load as _load, procs as _procs
 
 __all__ = ["Proxy", "ProxyError", "find_binary", "KINDS"]
 

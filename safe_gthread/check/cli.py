@@ -28,8 +28,9 @@ import time
 import traceback
 from contextlib import contextmanager
 
-from . import _compat, _load, _runner
-from ._version import __version__
+from .. import _compat
+from . import load as _load, runner as _runner
+from .._version import __version__
 
 EXIT_HELD, EXIT_NOT_HELD, EXIT_CANNOT_RUN = 0, 1, 2
 
@@ -285,7 +286,7 @@ class Check(object):
     def _preflight(self):
         if self.args.proxy:
             try:
-                from . import _proxy
+                from . import proxy as _proxy
             except ImportError:
                 raise CannotRun("--proxy is not available in this version of safe-gthread")
             self._proxy_module = _proxy

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from . import _load, _procs
+from . import load as _load, procs as _procs
 
 class ServerError(RuntimeError):
     """gunicorn did not start, answer or stop as expected; the message ends with its log."""
@@ -42,7 +42,7 @@ def gunicorn_command():
 
 
 class Gunicorn(object):
-    def __init__(self, directory, worker_class="safe_gthread.Worker", app="safe_gthread._app:app",
+    def __init__(self, directory, worker_class="safe_gthread.Worker", app="safe_gthread.check.app:app",
                  guard=False, **settings):
         self.directory = str(directory)
         self.sock_path = os.path.join(self.directory, "gunicorn.sock")

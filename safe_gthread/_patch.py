@@ -1,0 +1,108 @@
+"""The one way safe-gthread patches gunicorn: a registry of wrappers.
+
+Every patch of ours (the guard's socket wrappers, the arbiter's scheduler, the healing
+path) goes through :func:`wrap`, the way wrapt and OpenTelemetry's instrumentations do it:
+
+* patch where callers look the name up (``gunicorn.sock.close_sockets``, not a copy);
+* once: wrapping the same ``(owner, name, key)`` twice does nothing;
+* the wrapper is a trampoline that passes every argument through
+  (``impl(original, *args, **kwargs)``), so a keyword argument gunicorn adds later
+  reaches gunicorn and never becomes a ``TypeError`` in the arbiter;
+* it carries ``__wrapped__`` (``functools.wraps``) and is marked as ours;
+* :func:`unwrap` removes only our own layer: if ours is still the outermost, the
+  original goes back (deleted again when it was inherited from a base class); if
+  someone patched over us since, our layer stays in their chain but turns into a plain
+  pass-through, so their patch keeps working.
+
+A target that does not exist on this gunicorn is not an error: :func:`wrap` returns
+False and the caller says, once, what it left unpatched.
+"""
+import functools
+import threading
+
+_lock = threading.RLock()
+#: (id(owner), name, key) -> _Layer, in installation order.
+_layers = {}
+
+
+class _Layer(object):
+    __slots__ = ("owner", "name", "key", "original", "wrapper", "inherited", "active")
+
+    def __init__(self, owner, name, key, original, inherited):
+        self.owner = owner
+        self.name = name
+        self.key = key
+        self.original = original
+        self.inherited = inherited
+        self.wrapper = None
+        self.active = True
+
+
+def _raw(owner, name):
+    """``owner.name`` as stored (no descriptor binding), looked up along the MRO for
+    classes; ``(value, inherited)`` or ``(None, False)`` when it does not exist."""
+    if isinstance(owner, type):
+        for klass in owner.__mro__:
+            if name in vars(klass):
+                return vars(klass)[name], klass is not owner
+        return None, False
+    value = vars(owner).get(name)
+    return value, False
+
+
+def wrap(owner, name, impl, key="safe_gthread"):
+    """Replace ``owner.name`` with a wrapper calling ``impl(original, *args, **kwargs)``.
+
+    ``owner`` is a class or a module. Returns True when this call installed the layer,
+    False when it was already there or ``owner`` has no callable ``name``.
+    """
+    with _lock:
+        ident = (id(owner), name, key)
+        if ident in _layers:
+            return False
+        original, inherited = _raw(owner, name)
+        if original is None or not callable(original):
+            return False
+        layer = _Layer(owner, name, key, original, inherited)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            if layer.active:
+                return impl(layer.original, *args, **kwargs)
+            return layer.original(*args, **kwargs)
+
+        wrapper._safe_gthread_layer = layer
+        layer.wrapper = wrapper
+        setattr(owner, name, wrapper)
+        _layers[ident] = layer
+        return True
+
+
+def unwrap(owner, name, key="safe_gthread"):
+    """Remove our layer ``key`` from ``owner.name``; False if it was not installed."""
+    with _lock:
+        layer = _layers.pop((id(owner), name, key), None)
+        if layer is None:
+            return False
+        layer.active = False
+        current, _ = _raw(owner, name)
+        if current is layer.wrapper:
+            if layer.inherited:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, layer.original)
+        # else: someone wrapped over us; we stay in their chain as a pass-through.
+        return True
+
+
+def is_wrapped(owner, name, key="safe_gthread"):
+    """True while our layer ``key`` is installed on ``owner.name``."""
+    return (id(owner), name, key) in _layers
+
+
+def original(owner, name, key="safe_gthread"):
+    """What ``owner.name`` was before our layer ``key`` (or the current value)."""
+    layer = _layers.get((id(owner), name, key))
+    if layer is not None:
+        return layer.original
+    return _raw(owner, name)[0]
