@@ -61,6 +61,10 @@ def test_wheel_metadata(dists):
     assert any(n.endswith("LICENSE") for n in names), "the wheel has no LICENSE"
     assert meta.get_all("Project-URL"), "no project URLs in the metadata"
     assert any(n.endswith("entry_points.txt") for n in names)
+    # Every subpackage ships: the runtime's retirements and the check tooling.
+    for module in ("safe_gthread/_retire/legacy.py", "safe_gthread/_retire/graceful.py",
+                   "safe_gthread/check/cli.py", "safe_gthread/check/runner.py"):
+        assert module in names, module
 
 
 def test_sdist_carries_what_a_build_needs(dists):
