@@ -17,7 +17,8 @@ conditions too.
 Paths: h2o (upstream keep-alive), nginx-keepalive, nginx-plain, direct (Python keep-alive
 clients on the unix socket; the client, not gunicorn, bounds its rate), tcp (h2o in front
 of gunicorn bound to 127.0.0.1, the seed's old workaround). Writes docs/benchmarks.md and
-docs/img/benchmarks.png (matplotlib lives only in .bench/plot, never in the package).
+docs/img/benchmarks-mr<N>.png, one plot per max_requests (matplotlib lives only in
+.bench/plot, never in the package; `--plot-page PAGE PNG` re-plots a page's table).
 Benchmarks are not tests: figures move with the machine's load, ratios less so.
 """
 import argparse
@@ -215,7 +216,7 @@ def markdown(records, args, started, versions):
            "Produced by `%s` (%s, %s repeats of %ss per worker and cell, paired)." % (
                " ".join(["python3", "benchmarks/run.py"] + args.argv), started, args.repeats,
                args.seconds),
-           "The seed's scenario: 5 workers x 5 threads, keep-alive 2 s, wrk -t2 -c200 through "
+           "The original bug report's setup: 5 workers x 5 threads, keep-alive 2 s, wrk -t2 -c200 through "
            "the proxy (`direct`: %d Python keep-alive clients on the unix socket; `tcp`: h2o in "
            "front of gunicorn bound to 127.0.0.1). Req/s counts successful (2xx) responses; "
            "failures are client-visible (non-2xx and socket errors), per 1,000 worker restarts "
@@ -232,8 +233,12 @@ def markdown(records, args, started, versions):
             "every restart costs whichever worker class runs; see the [I/O-bound page]"
             "(benchmarks-io.md) for what the successor handoff gives when worker threads "
             "are the bound."), "",
-           "" if args.no_plot else "![safe vs stock, successful requests/s](%s)\n" % (
-               os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.out)))),
+           "" if args.no_plot else "".join(
+               "![max_requests = %s: successful requests/s, stock vs safe](%s)\n\n" % (
+                   mr or "0 (no restarts)",
+                   os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))))
+               for mr, png in plot_pngs(args.png, sorted(args.max_requests,
+                                                         key=lambda m: (m == 0, m)))),
            "| gunicorn | path | max_requests | stock req/s | safe req/s | safe/stock | "
            "stock fails/1k restarts | safe fails/1k restarts | restarts/s stock / safe | "
            "proxy log stock / safe |",
@@ -251,7 +256,7 @@ def markdown(records, args, started, versions):
             _sum_per_1000(cell["safe"]), _fmt(rps(cell["stock"]), "%.1f"),
             _fmt(rps(cell["safe"]), "%.1f"), sum(f["proxy_errors"] for f in cell["stock"]),
             sum(f["proxy_errors"] for f in cell["safe"])))
-    out += ["", "## The issue's targets", ""] + targets(cells, args) + [""]
+    out += ["", "## The project's targets for this release", ""] + targets(cells, args) + [""]
     idle = [r for (_, _, mr), c in cells.items() if mr == 0 for r in c["ratios"]]
     if idle:
         out += ["The noise: with max_requests=0 no worker retires, so both run the same "
@@ -295,31 +300,118 @@ def targets(cells, args):
     return lines
 
 
-def plot(records_path, png):
-    """Runs in .bench/plot's Python: successful req/s per cell, stock vs safe."""
+PATH_LABELS = {"h2o": "h2o", "nginx-keepalive": "nginx\nkeep-alive", "nginx-plain": "nginx\nplain",
+               "direct": "direct", "tcp": "tcp\n(h2o)"}
+
+
+def plot_pngs(png, max_requests):
+    """The plot files for ``--png``: one per max_requests, e.g. benchmarks-mr512.png."""
+    stem, ext = os.path.splitext(png)
+    return [(mr, "%s-mr%d%s" % (stem, mr, ext or ".png")) for mr in max_requests]
+
+
+def plot_cells_from_records(records):
+    """Per cell, per worker: median, min and max successful req/s over the pairs, and
+    whether the socket was lost in any of them."""
+    out = {}
+    for key, cell in summarize(records).items():
+        out[key] = {}
+        for worker in ("stock", "safe"):
+            rates = [rate(f) for f in cell[worker]]
+            out[key][worker] = {"median": median(rates), "min": min(rates), "max": max(rates),
+                                "lost": not all(f["socket_kept"] for f in cell[worker]),
+                                "pairs": len(rates)}
+    return out
+
+
+def plot_cells_from_page(page):
+    """The same from a report page's table (medians only: the page does not keep the
+    pairs, so min and max are None)."""
+    import re
+    out = {}
+    with open(page) as fh:
+        for line in fh:
+            cols = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cols) != 10 or not re.match(r"\d+\.\d+\.\d+$", cols[0]):
+                continue
+            mr = int(cols[2].split()[0])
+            key = (cols[0], cols[1], mr)
+            out[key] = {
+                "stock": {"median": float(cols[3]), "min": None, "max": None,
+                          "lost": cols[6].startswith("socket lost"), "pairs": None},
+                "safe": {"median": float(cols[4]), "min": None, "max": None,
+                         "lost": cols[7].startswith("socket lost"), "pairs": None}}
+    return out
+
+
+def plot(cells, png, note=""):
+    """Runs in .bench/plot's Python. One PNG per max_requests (readable at a column's
+    width, ~700 px): a row of bars per gunicorn version, all rows on one y scale; stock
+    grey, safe blue, a min-max bar over the pairs where the pairs are known, and a stock
+    run that lost its unix socket drawn hatched red and labelled so."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(records_path) as fh:
-        records = json.load(fh)
-    cells = summarize(records)
+    versions = sorted({k[0] for k in cells}, key=lambda v: tuple(int(x) for x in v.split(".")))
+    paths = [p for p in PATHS if any(k[1] == p for k in cells)]
     mrs = sorted({k[2] for k in cells}, key=lambda m: (m == 0, m))
-    fig, axes = plt.subplots(1, len(mrs), figsize=(5.5 * len(mrs), 4.8), squeeze=False)
-    for ax, mr in zip(axes[0], mrs):
-        keys = sorted((k for k in cells if k[2] == mr), key=lambda k: (k[1], k[0]))
-        labels = ["%s\n%s" % (k[0], k[1]) for k in keys]
-        xs = range(len(keys))
-        for offset, worker, color in ((-0.2, "stock", "#bbbbbb"), (0.2, "safe", "#2a7ab9")):
-            ys = [median([rate(f) for f in cells[k][worker]]) for k in keys]
-            ax.bar([x + offset for x in xs], ys, width=0.4, label=worker, color=color)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title("max_requests = %s" % (mr or "0 (no restarts)"))
-        ax.set_ylabel("successful requests/s (median)")
-        ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(png), exist_ok=True)
-    fig.savefig(png, dpi=110)
+    written = []
+    for mr, path_png in plot_pngs(png, mrs):
+        keys = [k for k in cells if k[2] == mr]
+        top = max(max(cells[k][w]["max"] or cells[k][w]["median"] for w in ("stock", "safe"))
+                  for k in keys) * 1.22
+        height = 1.55 + 1.7 * len(versions)  # inches: a header, a row per version, labels
+        fig, axes = plt.subplots(len(versions), 1, figsize=(7.0, height),
+                                 sharex=True, sharey=True, squeeze=False)
+        for ax, version in zip(axes[:, 0], versions):
+            xs = list(range(len(paths)))
+            for offset, worker, color in ((-0.2, "stock", "#9a9a9a"), (0.2, "safe", "#2a7ab9")):
+                for x, path in zip(xs, paths):
+                    fig_ = cells.get((version, path, mr), {}).get(worker)
+                    if fig_ is None:
+                        continue
+                    lost = fig_["lost"]
+                    ax.bar(x + offset, fig_["median"], width=0.38,
+                           color="#f4d4d4" if lost else color,
+                           edgecolor="#c0392b" if lost else color,
+                           hatch="///" if lost else None, linewidth=1.0)
+                    if fig_["min"] is not None and fig_["max"] is not None:
+                        ax.errorbar(x + offset, fig_["median"],
+                                    yerr=[[fig_["median"] - fig_["min"]],
+                                          [fig_["max"] - fig_["median"]]],
+                                    fmt="none", ecolor="black", elinewidth=1.0, capsize=3)
+                    if lost:
+                        ax.text(x + offset, max(fig_["median"], fig_["max"] or 0) + top * 0.03,
+                                "socket\nlost", ha="center", va="bottom", fontsize=8,
+                                color="#c0392b")
+            ax.set_ylim(0, top)
+            ax.set_ylabel("req/s", fontsize=9)
+            ax.set_title("gunicorn %s" % version, fontsize=10, loc="left")
+            ax.tick_params(axis="y", labelsize=8)
+            ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+            ax.set_axisbelow(True)
+        axes[-1, 0].set_xticks(list(range(len(paths))))
+        axes[-1, 0].set_xticklabels([PATH_LABELS.get(p, p) for p in paths], fontsize=9)
+        from matplotlib.patches import Patch
+        handles = [Patch(color="#9a9a9a", label="stock gthread"),
+                   Patch(color="#2a7ab9", label="safe_gthread.Worker"),
+                   Patch(facecolor="#f4d4d4", edgecolor="#c0392b", hatch="///",
+                         label="stock, socket lost")]
+        fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=9, frameon=False,
+                   bbox_to_anchor=(0.5, 1 - 0.45 / height))
+        spread = ("bars: median, whiskers: min-max of the pairs" if any(
+            cells[k][w]["min"] is not None for k in keys for w in ("stock", "safe"))
+            else "bars: median of the pairs (per-pair figures not kept)")
+        fig.suptitle("max_requests = %s: successful requests/s\n%s%s" % (
+            mr or "0 (no restarts)", spread, note), fontsize=10, y=1 - 0.08 / height,
+            va="top")
+        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.55 / height, top=1 - 1.05 / height,
+                            hspace=0.5)
+        os.makedirs(os.path.dirname(path_png) or ".", exist_ok=True)
+        fig.savefig(path_png, dpi=100)
+        plt.close(fig)
+        written.append(path_png)
+    return written
 
 
 def plot_venv():
@@ -339,7 +431,13 @@ def main(argv=None):
         print(json.dumps(measure(json.loads(argv[1]))))
         return 0
     if argv[:1] == ["--plot"]:
-        plot(argv[1], argv[2])
+        with open(argv[1]) as fh:
+            plot(plot_cells_from_records(json.load(fh)), argv[2])
+        return 0
+    if argv[:1] == ["--plot-page"]:
+        # Re-plot a report page whose records are gone: medians only, no spread.
+        #   benchmarks/run.py --plot-page docs/benchmarks.md docs/img/benchmarks.png
+        print("\n".join(plot(plot_cells_from_page(argv[1]), argv[2])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--versions", default=VERSIONS,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The quick start's demo: ``safe-gthread check`` on the seed's gunicorn and the newest.
+"""The quick start's demo: ``safe-gthread check`` on gunicorn 19.6.0 and the newest.
 
 Builds (or reuses) one venv per gunicorn under .matrix/, the same ones the test matrix
 uses, installs safe-gthread from this checkout, and runs ``safe-gthread check`` in
-each: gunicorn 19.6.0 on Python 3.6 (the seed's, affected) and 27.0.1 on Python 3.13
+each: gunicorn 19.6.0 on Python 3.6 (the one in benoitc/gunicorn#1298, affected) and 27.0.1 on Python 3.13
 (the newest, not affected). Extra arguments go to ``check``, e.g. ``--seconds 10``.
 """
 import os

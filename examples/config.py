@@ -1,5 +1,6 @@
-# gunicorn settings: the configuration from the blog post that found the bug
-# (gunicorn 19.6.0 deleting its unix socket after max_requests), with one line changed.
+# gunicorn settings: the configuration of the original bug report (a Japanese write-up
+# that reproduced benoitc/gunicorn#1298, gunicorn 19.6.0 deleting its unix socket after
+# max_requests, behind h2o under wrk), with one line changed.
 #
 #   gunicorn -c config.py web:app
 #

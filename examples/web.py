@@ -1,5 +1,5 @@
 # -*- coding:utf-8 -*-
-"""The blog post's "Hello World" app as plain WSGI (no framework to install).
+"""The original bug report's "Hello World" app as plain WSGI (no framework to install).
 
     gunicorn -c config.py web:app
 

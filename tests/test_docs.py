@@ -14,7 +14,7 @@ DOCS = os.path.join(ROOT, "docs")
 EXAMPLES = os.path.join(ROOT, "examples")
 
 #: English pages that have a Japanese counterpart under docs/ja/ with the same code.
-TRANSLATED = ["index.md", "install.md", "deploy.md", "troubleshooting.md"]
+TRANSLATED = ["index.md", "install.md", "deploy.md", "upgrading.md", "troubleshooting.md"]
 
 #: Languages of whole configuration files: a block in one of these must be a file
 #: under examples/, marked ``<!-- examples/NAME -->`` on the line before it.
@@ -61,8 +61,20 @@ def test_site_builds_strictly(tmp_path):
                  "upgrading/index.html", "troubleshooting/index.html", "changelog/index.html",
                  "benchmarks/index.html", "lifecycle/index.html",
                  "ja/install/index.html", "ja/deploy/index.html",
-                 "ja/troubleshooting/index.html"):
+                 "ja/upgrading/index.html", "ja/troubleshooting/index.html"):
         assert (site / page).exists(), page
+    # Japanese pages say so (their front matter, applied by the docs hook), English ones
+    # keep the theme's; the search index covers both languages.
+    for page in pages():
+        html_text = (site / page[:-len(".md")].replace("index", "")
+                     / "index.html").read_text(encoding="utf-8")
+        lang = "ja" if page.startswith("ja" + os.sep) else "en"
+        assert '<html lang="%s"' % lang in html_text, page
+    import json
+    search = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    assert search["config"]["lang"] == ["en", "ja"]
+    assert any(doc["location"].startswith("ja/") and "ソケット" in doc["text"]
+               for doc in search["docs"])
     api = _text((site / "api" / "index.html").read_text(encoding="utf-8"))
     # Generated from the source: the first line of each public docstring is on the page.
     for path, member in (("__init__.py", None), ("_worker.py", "Worker"),
@@ -129,6 +141,24 @@ def test_japanese_page_keeps_step(page):
     assert japanese.count("!!! ") == english.count("!!! ")
 
 
+def test_japanese_pages_declare_their_language():
+    for page in pages():
+        if page.startswith("ja" + os.sep):
+            assert read(DOCS, page).startswith("---\nlang: ja\n---\n"), page
+
+
+def test_readme_links_the_translation_the_docs_and_the_upstream_issue():
+    readme = read(ROOT, "README.md")
+    for target in ["README.ja.md", "docs/index.md", "docs/install.md", "docs/deploy.md",
+                   "docs/upgrading.md", "docs/troubleshooting.md",
+                   "https://github.com/benoitc/gunicorn/issues/1298"]:
+        assert "](%s" % target in readme or "]: %s" % target in readme, target
+    # Every relative link in either README names a file that exists.
+    for name in ("README.md", "README.ja.md"):
+        for target in re.findall(r"\]\(((?:docs/|README)[^)#]*)", read(ROOT, name)):
+            assert os.path.exists(os.path.join(ROOT, target)), (name, target)
+
+
 def test_readme_ja_keeps_step_with_readme():
     readme = read(ROOT, "README.md")
     readme_ja = read(ROOT, "README.ja.md")
@@ -138,6 +168,10 @@ def test_readme_ja_keeps_step_with_readme():
         assert block in english_blocks, "README.ja.md shows a block README.md does not:\n%s" \
             % (block[1],)
     assert len(code_blocks(readme_ja)) == len(english_blocks)
+    # The same sections: one README is not to have what the other lacks.
+    heading = re.compile(r"^#+ ", re.M)
+    assert [len(h) for h in heading.findall(readme_ja)] == \
+        [len(h) for h in heading.findall(readme)]
 
 
 def test_nav_lists_every_page():

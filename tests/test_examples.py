@@ -335,41 +335,59 @@ def test_proxy_example_in_front_of_config_py(app_dir, started, kind):
 
 # -- systemd ---------------------------------------------------------------------------------
 
+SOCKET_ACTIVATED = "gunicorn-socket-activated.service"
+
+
 def test_systemd_units_are_consistent_with_config_py():
-    service, sock_unit = unit("gunicorn.service"), unit("gunicorn.socket")
-    assert service.sections() == ["Unit", "Service", "Install"]
+    plain, activated = unit("gunicorn.service"), unit(SOCKET_ACTIVATED)
+    sock_unit = unit("gunicorn.socket")
     assert sock_unit.sections() == ["Unit", "Socket", "Install"]
-    assert "gunicorn.socket" in service["Unit"]["Wants"].split()
-    argv = shlex.split(service["Service"]["ExecStart"])
-    assert argv == shlex.split(supervisor_program()["command"])
-    assert argv[-1] == "web:app" and argv[1:3] == ["-c", APP_DIR + "/config.py"]
-    assert service["Service"]["WorkingDirectory"] == APP_DIR
-    assert service["Service"]["KillMode"] == "mixed"
-    assert service["Service"]["KillSignal"] == "SIGTERM"
+    # The plain unit names no socket unit: Wants= would start an installed gunicorn.socket
+    # even when it is not enabled, and 19.6.0's guard would refuse systemd's live socket.
+    for key in ("Wants", "Requires", "BindsTo"):
+        assert "gunicorn.socket" not in plain["Unit"].get(key, "")
+    assert "gunicorn.socket" not in plain["Unit"].get("After", "")
+    assert "gunicorn.socket" in activated["Unit"]["Requires"].split()
+    assert "gunicorn.socket" in activated["Unit"]["After"].split()
     settings, _ = settings_of(read_example("config.py"))
-    graceful = settings.get("graceful_timeout", 30)
-    assert int(service["Service"]["TimeoutStopSec"]) > graceful
+    for service in (plain, activated):
+        assert service.sections() == ["Unit", "Service", "Install"]
+        argv = shlex.split(service["Service"]["ExecStart"])
+        assert argv == shlex.split(supervisor_program()["command"])
+        assert argv[-1] == "web:app" and argv[1:3] == ["-c", APP_DIR + "/config.py"]
+        assert service["Service"]["WorkingDirectory"] == APP_DIR
+        assert service["Service"]["KillMode"] == "mixed"
+        assert service["Service"]["KillSignal"] == "SIGTERM"
+        graceful = settings.get("graceful_timeout", 30)
+        assert int(service["Service"]["TimeoutStopSec"]) > graceful
+    # Apart from how they find the socket, the two units run gunicorn the same way.
+    assert dict(plain["Service"]) == dict(activated["Service"])
     # The socket unit listens where config.py binds, as the proxies expect.
     assert "unix:" + sock_unit["Socket"]["ListenStream"] == settings["bind"]
     assert int(sock_unit["Socket"]["Backlog"]) == settings["backlog"]
 
 
-def test_systemd_units_verify(tmp_path):
+@pytest.mark.parametrize("files", [
+    {"gunicorn.service": "gunicorn.service"},
+    # Installed as gunicorn.service: the name gunicorn.socket activates.
+    {"gunicorn.socket": "gunicorn.socket", SOCKET_ACTIVATED: "gunicorn.service"},
+], ids=["plain", "socket-activated"])
+def test_systemd_units_verify(tmp_path, files):
     analyze = require_tool("systemd-analyze")
     units = tmp_path / "units"
     units.mkdir()
     app = str(tmp_path / "app")
     os.mkdir(app)
-    for name in ("gunicorn.service", "gunicorn.socket"):
-        text = read_example(name)
+    for source, name in files.items():
+        text = read_example(source)
         if name.endswith(".service"):
             text = deployed_command(text, app)
         (units / name).write_text(text)
-    proc = subprocess.run([analyze, "verify", "--man=no", str(units / "gunicorn.socket"),
-                           str(units / "gunicorn.service")],
+    proc = subprocess.run([analyze, "verify", "--man=no"] + sorted(
+        str(units / name) for name in files.values()),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=60)
-    # Only complaints about our two files count: verify also loads the host's units.
+    # Only complaints about our files count: verify also loads the host's units.
     ours = [line for line in proc.stdout.splitlines() if "gunicorn." in line]
     assert not ours, proc.stdout
 
@@ -386,10 +404,10 @@ def has_socket_activation():
                     reason="this gunicorn has no systemd socket activation (19.7.0 added it)")
 def test_systemd_socket_activation(app_dir, started):
     """gunicorn.socket's socket, bound here as systemd would, handed over with LISTEN_FDS
-    and LISTEN_PID to gunicorn.service's ExecStart: gunicorn serves on it (not on
+    and LISTEN_PID to gunicorn-socket-activated.service's ExecStart: gunicorn serves on it (not on
     config.py's bind), keeps it across restarts and leaves it to its owner at stop."""
     socket_unit = unit("gunicorn.socket")["Socket"]
-    service = unit("gunicorn.service")["Service"]
+    service = unit(SOCKET_ACTIVATED)["Service"]
     sock_path = os.path.join(app_dir, "gunicorn.sock")
     assert socket_unit["ListenStream"] == SEED_SOCKET
     unused = os.path.join(app_dir, "unused.sock")

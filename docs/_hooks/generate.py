@@ -1,5 +1,6 @@
 """MkDocs hook: fill the API page from the package's docstrings and the changelog page
-from CHANGELOG.md, at build time, without importing the package or gunicorn.
+from CHANGELOG.md, at build time, without importing the package or gunicorn; and give a
+page that declares ``lang: ja`` (front matter) its ``<html lang="ja">``.
 
 In a page, a line ``::: safe_gthread.Worker`` (an object) or ``::: safe_gthread.guard``
 (a module, with its public functions) becomes that object's documentation; a line
@@ -111,3 +112,16 @@ def on_page_markdown(markdown, page, config, files):
 
     markdown = _DIRECTIVE.sub(api, markdown)
     return _INCLUDE.sub(include, markdown)
+
+
+_HTML_LANG = re.compile(r'<html lang="[^"]*"')
+
+
+def on_post_page(output, page, config):
+    """The theme writes the site's locale into every page's <html lang>: a page whose front
+    matter says otherwise (``lang: ja``) gets its own, for screen readers, fonts and
+    search engines."""
+    lang = page.meta.get("lang") if page.meta else None
+    if not lang:
+        return output
+    return _HTML_LANG.sub('<html lang="%s"' % lang, output, count=1)
