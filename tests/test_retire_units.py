@@ -233,7 +233,7 @@ def test_retiring_wraps_the_app_once(worker):
     wrapped = worker.wsgi
     assert wrapped is not bundled_app
     worker.alive = False
-    worker._retiring()
+    worker._stop_keeping_alive()
     assert worker.wsgi is wrapped
 
 
@@ -285,7 +285,7 @@ def test_legacy_retiring_serves_the_batch_and_closes_after_the_last(worker, pair
     server, client = pair
     client.sendall(BATCH)
     conn = make_conn(server)
-    worker._retiring()  # the loop has ended (``_loop_ended``), alive or not
+    worker._stop_keeping_alive()  # the loop has ended (``_loop_ended``), alive or not
     keepalive, _ = worker.handle(conn)
     assert not keepalive
     assert read_responses(client, 3) == [("keep-alive", b"Hello World"),
@@ -408,6 +408,31 @@ def test_legacy_drain_ends_within_graceful_timeout_of_the_retirement(worker, pai
     assert worker.nr_conns == 0
     assert list(worker._keep) == []
     assert client.recv(1) == b""  # closed with a FIN
+
+
+@only_legacy
+def test_legacy_drain_that_fails_still_closes_its_connections(worker, pair):
+    """An unexpected error in the drain (stock code it calls, a bug of ours) is logged;
+    the connections it kept are still closed and uncounted, not left to a reset."""
+    server, client = pair
+    conn = make_conn(server)
+    conn.set_timeout()
+    worker.nr_conns = 1
+
+    def broken_callback(conn, sock):
+        raise RuntimeError("unexpected")
+
+    with worker._lock:
+        worker._keep.append(conn)
+        worker.poller.register(server, selectors.EVENT_READ, partial(broken_callback, conn))
+    worker._retirement_began = time.time()
+    worker.notify = mock.Mock()
+    client.sendall(GET % b"1")  # wakes the poller: the callback raises
+    worker._serve_remaining()
+    assert worker.log.exception.called
+    assert worker.nr_conns == 0
+    assert list(worker._keep) == []
+    assert client.recv(1) == b""
 
 
 # -- method queue (24.0 - 27.0.0) and graceful (27.0.1+) --------------------------------

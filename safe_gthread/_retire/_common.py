@@ -44,7 +44,7 @@ def close_gracefully(socks, drain=CLOSE_DRAIN):
 
 
 class _WatchAlive(object):
-    """``worker.alive`` that calls ``worker._retiring()`` when it first turns False.
+    """``worker.alive`` that calls ``worker._stop_keeping_alive()`` when it first turns False.
 
     A data descriptor without ``__get__``: reading ``alive`` still finds the value in
     the instance's ``__dict__`` (no added work on the request path); only its rare
@@ -56,16 +56,19 @@ class _WatchAlive(object):
         was = worker.__dict__.get("alive")
         worker.__dict__["alive"] = value
         if was and not value:
-            worker._retiring()
+            worker._stop_keeping_alive()
+
+    def __delete__(self, worker):
+        del worker.__dict__["alive"]
 
 
 class AnswerPipelinedWhileRetiring(object):
     """A retiring worker answers the requests a client has already pipelined.
 
-    Once ``alive`` is False, every gunicorn's ``handle_request`` answers with
-    ``Connection: close`` (19.x: once ``max_requests`` is reached, and our legacy
-    retirement did it for the rest), and the requests the client had already sent
-    behind it on the same connection are dropped unanswered. Here, while retiring, a
+    Once ``alive`` is False, gunicorn 20.0 - 27.0.1's ``handle_request`` answers with
+    ``Connection: close`` (19.x only the response that reaches ``max_requests``), and
+    the requests the client had already sent behind it on the same connection are
+    dropped unanswered. Here, while retiring, a
     response keeps its connection only for a request already read behind it, and says
     ``Connection: close`` otherwise: every pipelined request is answered, the last one
     with ``Connection: close`` (RFC 9112 section 9.3.2, 9.6).
@@ -78,7 +81,7 @@ class AnswerPipelinedWhileRetiring(object):
     alive = _WatchAlive()
     _app_before_retiring = None
 
-    def _retiring(self):
+    def _stop_keeping_alive(self):
         """Wrap the app (once): called when ``alive`` turns False, and by a loop that
         ends for another reason (its parent gone)."""
         app = self.__dict__.get("wsgi")

@@ -55,11 +55,11 @@ class Retirement(AnswerPipelinedWhileRetiring):
             for listener in self.sockets:
                 try:
                     self.poller.unregister(listener)
-                except (KeyError, ValueError, OSError):
+                except Exception:  # never registered, or closed: nothing to undo
                     pass
         # From now on a response says "Connection: close" unless a request is already
         # buffered behind it (also when the loop ended because the parent is gone).
-        self._retiring()
+        self._stop_keeping_alive()
         _handoff.announce_retirement(self)
 
     def handle(self, conn):
@@ -145,9 +145,13 @@ class Retirement(AnswerPipelinedWhileRetiring):
                     timeout = min(timeout, 0.05)
                 for key, _ in self.poller.select(timeout):
                     key.data(key.fileobj)
-            self._forget(self._waiting_connections())
+        except Exception:
+            # Stock would have crashed the worker here; the connections kept for the
+            # drain are still closed with a FIN rather than reset at exit.
+            self.log.exception("safe-gthread: the retiring worker's drain failed")
         finally:
             self.tpool.shutdown(wait=False)
+        self._forget(self._waiting_connections())
 
     def _waiting_connections(self):
         """The connections still registered with the poller, each waiting for a request."""
@@ -169,7 +173,7 @@ class Retirement(AnswerPipelinedWhileRetiring):
             for conn in conns:
                 try:
                     self.poller.unregister(conn.sock)
-                except (KeyError, ValueError, OSError):
+                except Exception:  # already gone, or a closed fd: it is forgotten anyway
                     pass
                 try:
                     self._keep.remove(conn)
