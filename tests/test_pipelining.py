@@ -12,6 +12,7 @@ A raw unix-socket client, so that the three requests really leave in one write. 
 timing is asserted: a worker that stalls shows it by closing the connection at its
 keep-alive timeout with responses missing.
 """
+import signal
 import socket
 import time
 
@@ -136,4 +137,55 @@ def test_pipelined_requests_are_answered_while_retiring(gunicorn_server, worker)
     assert closed, responses
     server.wait_for(lambda: server.exited() >= 1, 30, "the retired worker to exit")
     server.wait_for(server.serves, 30, "the successor to serve")
+    assert server.tracebacks() == 0, server.log()
+
+
+@pytest.mark.parametrize("worker", ["stock", "safe"])
+def test_pipelined_requests_are_answered_across_a_reload(gunicorn_server, monkeypatch, worker):
+    """HUP while a batch is in flight: the old worker is told to stop (SIGTERM) while it
+    serves the second request, the third already read behind it."""
+    monkeypatch.setenv("SAFE_GTHREAD_APP_SLEEP", "1")  # each request takes a second
+    server = gunicorn_server(worker, workers=1, threads=2, keepalive=KEEPALIVE)
+    old = set(server.worker_pids())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(DEADLINE)
+        sock.connect(server.sock_path)
+        sock.sendall(BATCH)
+        buf, responses, closed = b"", [], False
+        deadline = time.monotonic() + DEADLINE
+        hup_sent = False
+        while len(responses) < len(BODIES):
+            if responses and not hup_sent:
+                server.signal(signal.SIGHUP)  # the second request is being served
+                hup_sent = True
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                closed = True
+                break
+            buf += data
+            responses, _ = _parse(buf)
+        if not closed:  # the retiring worker closes it: at once, or after its linger
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                closed = sock.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+    finally:
+        sock.close()
+    bodies = [body for _, _, body in responses]
+    assert bodies == BODIES[:len(bodies)], responses
+    assert closed, responses
+    server.wait_for(lambda: not old.intersection(server.worker_pids()), 30,
+                    "the old worker to exit after HUP")
+    if worker == "stock":
+        if not STOCK_ANSWERS_PIPELINED:
+            assert bodies == BODIES[:1], (responses, server.log())
+        return
+    assert bodies == BODIES, (responses, server.log())
+    assert server.serves()
     assert server.tracebacks() == 0, server.log()
