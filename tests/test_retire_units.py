@@ -29,10 +29,10 @@ only_legacy = pytest.mark.skipif(
     GENERATION != "legacy",
     reason="the legacy retirement is for gunicorn 19.x - 23.x's futures loop; this is %s"
            % _compat.GUNICORN_VERSION)
-only_method_queue = pytest.mark.skipif(
-    GENERATION != "method-queue",
-    reason="the method-queue retirement is for gunicorn 24.0 - 27.0.0; this is %s"
-           % _compat.GUNICORN_VERSION)
+overrides_finish_request = pytest.mark.skipif(
+    GENERATION not in ("legacy", "method-queue"),
+    reason="only the legacy (19.x - 23.x) and method-queue (24.0 - 27.0.0) retirements "
+           "override finish_request; this is %s" % _compat.GUNICORN_VERSION)
 not_legacy = pytest.mark.skipif(
     GENERATION not in ("method-queue", "graceful"),
     reason="gunicorn 24.0+'s finish_request(conn, fs) runs on the main thread; this is %s"
@@ -132,6 +132,17 @@ def read_responses(client, count):
         responses.append((headers.get(b"connection", b"").decode(), buf[:length]))
         buf = buf[length:]
     return responses
+
+
+def finish(worker, conn, keepalive):
+    """``finish_request`` as this generation's loop calls it, with a done future."""
+    if GENERATION == "legacy":
+        return worker.finish_request(FakeFuture(result=(keepalive, conn), conn=conn))
+    return worker.finish_request(conn, FakeFuture(result=keepalive))
+
+
+def kept_alive(worker):
+    return list(worker._keep if GENERATION == "legacy" else worker.keepalived_conns)
 
 
 def handled(result):
@@ -266,6 +277,48 @@ def test_retiring_without_keepalive_closes_at_once(worker, pair):
     assert read_responses(client, 1) == [("close", b"Hello World")]
 
 
+# -- filing a finished request (legacy and method-queue override finish_request) --------
+@overrides_finish_request
+def test_a_kept_alive_connection_is_filed_even_when_retiring(worker, pair):
+    server, _ = pair
+    conn = make_conn(server)
+    worker.nr_conns = 1
+    worker.alive = False
+    finish(worker, conn, True)
+    assert kept_alive(worker) == [conn]
+    assert worker.poller.get_key(server).data.args == (conn,)
+    assert worker.nr_conns == 1
+    if GENERATION == "method-queue":  # it lingers no longer than the others
+        assert conn.timeout <= time.monotonic() + _common.RETIRE_LINGER
+
+
+@overrides_finish_request
+@pytest.mark.parametrize("error", [RuntimeError("unexpected"), KeyError(7), OSError(9, "EBADF")])
+def test_finish_request_error_closes_and_uncounts(worker, pair, error):
+    """Stock catches every Exception here; so must the overrides, or a connection and
+    its count in ``nr_conns`` leak."""
+    server, _ = pair
+    conn = make_conn(server)
+    worker.nr_conns = 1
+    worker.poller = mock.Mock(wraps=worker.poller)
+    worker.poller.register.side_effect = error
+    finish(worker, conn, True)
+    assert worker.nr_conns == 0
+    assert kept_alive(worker) == []
+    assert server.fileno() == -1
+
+
+@overrides_finish_request
+def test_finish_request_closes_a_closing_connection(worker, pair):
+    server, client = pair
+    client.shutdown(socket.SHUT_WR)  # 24.0+ close gracefully: reading until the peer's EOF
+    conn = make_conn(server)
+    worker.nr_conns = 1
+    finish(worker, conn, False)
+    assert worker.nr_conns == 0
+    assert server.fileno() == -1
+
+
 # -- legacy (19.x - 23.x) ---------------------------------------------------------------
 @only_legacy
 def test_legacy_handle_serves_a_pipelined_batch_in_order(worker, pair):
@@ -293,42 +346,6 @@ def test_legacy_retiring_serves_the_batch_and_closes_after_the_last(worker, pair
                                          ("close", b"Hello World")]
 
 
-@only_legacy
-def test_legacy_files_a_kept_alive_connection_even_when_retiring(worker, pair):
-    server, _ = pair
-    conn = make_conn(server)
-    worker.nr_conns = 1
-    worker.alive = False
-    worker.finish_request(FakeFuture(result=(True, conn), conn=conn))
-    assert list(worker._keep) == [conn]
-    assert worker.poller.get_key(server).data.args == (conn,)
-    assert worker.nr_conns == 1
-
-
-@only_legacy
-@pytest.mark.parametrize("error", [RuntimeError("unexpected"), KeyError(7), OSError(9, "EBADF")])
-def test_legacy_finish_request_error_closes_and_uncounts(worker, pair, error):
-    server, _ = pair
-    conn = make_conn(server)
-    worker.nr_conns = 1
-    worker.poller = mock.Mock(wraps=worker.poller)
-    worker.poller.register.side_effect = error
-    worker.finish_request(FakeFuture(result=(True, conn), conn=conn))
-    assert worker.nr_conns == 0
-    assert list(worker._keep) == []
-    assert server.fileno() == -1
-
-
-@only_legacy
-def test_legacy_finish_request_closes_a_closing_connection(worker, pair):
-    server, _ = pair
-    conn = make_conn(server)
-    worker.nr_conns = 1
-    worker.finish_request(FakeFuture(result=(False, conn), conn=conn))
-    assert worker.nr_conns == 0
-    assert server.fileno() == -1
-
-
 class _PausingMap(Mapping):
     """The poller's map, pausing after its first key until told to go on: what a thread
     switch in the middle of the walk does."""
@@ -347,7 +364,7 @@ class _PausingMap(Mapping):
             yield key
             if number == 0:
                 self._walking.set()
-                self._go_on.wait(2.0)  # bounded: with the lock held it never comes
+                self._go_on.wait(1.0)  # bounded: with the lock held it never comes
 
 
 @only_legacy
@@ -462,29 +479,3 @@ def test_finish_request_files_an_idle_kept_alive_connection(worker, pair):
     assert not worker.enqueue_req.called
     assert list(worker.keepalived_conns) == [conn]
     assert worker.poller.get_key(server).data.args == (conn,)
-
-
-@only_method_queue
-def test_method_queue_files_a_kept_alive_connection_even_when_retiring(worker, pair):
-    server, _ = pair
-    conn = make_conn(server)
-    worker.nr_conns = 1
-    worker.alive = False
-    worker.finish_request(conn, FakeFuture(result=True))
-    assert list(worker.keepalived_conns) == [conn]
-    assert conn.timeout <= time.monotonic() + _common.RETIRE_LINGER
-    assert worker.nr_conns == 1
-
-
-@only_method_queue
-@pytest.mark.parametrize("error", [RuntimeError("unexpected"), KeyError(7), OSError(9, "EBADF")])
-def test_method_queue_finish_request_error_closes_and_uncounts(worker, pair, error):
-    server, _ = pair
-    conn = make_conn(server)
-    worker.nr_conns = 1
-    worker.poller = mock.Mock(wraps=worker.poller)
-    worker.poller.register.side_effect = error
-    worker.finish_request(conn, FakeFuture(result=True))
-    assert worker.nr_conns == 0
-    assert list(worker.keepalived_conns) == []
-    assert server.fileno() == -1
