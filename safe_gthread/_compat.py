@@ -14,6 +14,8 @@ import platform
 import gunicorn
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
+from gunicorn.http import body as gunicorn_body
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import gthread
 
 GUNICORN_VERSION = gunicorn.__version__
@@ -119,6 +121,56 @@ REUSE_PORT_BINDS_IN_WORKERS = (
 
 #: The status gunicorn's arbiter takes for "Worker failed to boot." (it then halts).
 WORKER_BOOT_ERROR = getattr(gunicorn_arbiter.Arbiter, "WORKER_BOOT_ERROR", 3)
+
+#: The body readers whose unread length is known (``LengthReader.length``, the bytes of a
+#: Content-Length body not read yet; a ``ChunkedReader`` whose ``parser`` is None has read
+#: its last chunk). Same names and attributes on 19.6.0 - 27.0.1.
+_LENGTH_READER = getattr(gunicorn_body, "LengthReader", None)
+_CHUNKED_READER = getattr(gunicorn_body, "ChunkedReader", None)
+
+#: The HTTP/1.x response class whose ``start_response`` every gthread ``handle_request``
+#: passes to the app; ``must_close`` is the flag ``force_close()`` sets. (27.x's HTTP/2
+#: responses are a subclass: never touched.)
+HTTP1_RESPONSE = getattr(gunicorn_wsgi, "Response", None)
+
+
+def request_buffered(unreader, message):
+    """True when ``unreader`` already holds bytes past ``message``'s unread body: the next
+    pipelined request (or its start), read from the socket together with ``message``.
+
+    Those bytes never make the socket readable again, so a loop that waits on its poller
+    for them waits for the keep-alive timeout: gunicorn 19.x - 26.x answer only the first
+    of pipelined requests (27.0.0 checks ``unreader.buf`` in ``finish_request``). Every
+    version keeps them in ``unreader.buf`` (a BytesIO). A body of unknown remaining length
+    (chunked, not read to its end) answers False: wait on the poller, as gunicorn does.
+    """
+    buf = getattr(unreader, "buf", None)
+    getvalue = getattr(buf, "getvalue", None)
+    if getvalue is None:
+        return False
+    try:
+        buffered = len(getvalue())
+    except ValueError:  # a closed buffer
+        return False
+    if not buffered:
+        return False
+    if message is None:
+        return True  # nothing parsed yet: whatever is buffered is a request
+    reader = getattr(getattr(message, "body", None), "reader", None)
+    if _LENGTH_READER is not None and isinstance(reader, _LENGTH_READER):
+        return buffered > reader.length
+    if _CHUNKED_READER is not None and isinstance(reader, _CHUNKED_READER):
+        return getattr(reader, "parser", True) is None
+    return False
+
+
+def conn_request_buffered(conn):
+    """``request_buffered`` for a gthread ``TConn``: False before its parser exists."""
+    parser = getattr(conn, "parser", None)
+    if parser is None:
+        return False
+    return request_buffered(getattr(parser, "unreader", None), getattr(parser, "mesg", None))
+
 
 _warned = set()
 

@@ -14,6 +14,16 @@ STOCK_WORKERS_UNLINK = GUNICORN < (19, 7)
 #: kept-alive connection and loses nothing (27.0.0 still closes them at once).
 STOCK_RETIRES_WITHOUT_LOSS = GUNICORN >= (27, 0, 1)
 
+#: gunicorn >= 27.0.0: stock gthread answers every request of a pipelined batch (several in
+#: one write). 19.x - 26.x answer the first only: the rest are already in the parser's
+#: buffer, which never wakes the poller, and wait for the keep-alive timeout to close the
+#: connection unanswered.
+STOCK_ANSWERS_PIPELINED = GUNICORN >= (27, 0, 0)
+
+#: No stock gthread answers a request pipelined behind the response that retires the
+#: worker: from that response on it says ``Connection: close`` (27.0.1 included).
+STOCK_ANSWERS_PIPELINED_WHILE_RETIRING = False
+
 #: The ``reuse_port`` setting exists from 19.8 (19.6.0 ignores the name in a config file).
 HAS_REUSE_PORT = GUNICORN >= (19, 8)
 

@@ -1,7 +1,11 @@
-"""What every retirement shares: how long to linger, and how to close without a reset."""
+"""What every retirement shares: how long to linger, how to close without a reset, and
+how to answer pipelined requests while retiring."""
 import selectors
 import socket
 import time
+from functools import partial
+
+from .. import _compat
 
 #: How long a retiring worker keeps an idle kept-alive or parked connection open for
 #: a request the client may already be sending (gunicorn 27.0.1's STOP_KEEPALIVE_LINGER).
@@ -37,3 +41,60 @@ def close_gracefully(socks, drain=CLOSE_DRAIN):
                     sel.unregister(key.fileobj)
     for sock in open_socks:
         sock.close()
+
+
+class _WatchAlive(object):
+    """``worker.alive`` that calls ``worker._stop_keeping_alive()`` when it first turns False.
+
+    A data descriptor without ``__get__``: reading ``alive`` still finds the value in
+    the instance's ``__dict__`` (no added work on the request path); only its rare
+    writes (``True`` at init, ``False`` when the worker retires, from a signal handler
+    or from the ``max_requests`` check inside ``handle_request``) come through here.
+    """
+
+    def __set__(self, worker, value):
+        was = worker.__dict__.get("alive")
+        worker.__dict__["alive"] = value
+        if was and not value:
+            worker._stop_keeping_alive()
+
+    def __delete__(self, worker):
+        del worker.__dict__["alive"]
+
+
+class AnswerPipelinedWhileRetiring(object):
+    """A retiring worker answers the requests a client has already pipelined.
+
+    Once ``alive`` is False, gunicorn 20.0 - 27.0.1's ``handle_request`` answers with
+    ``Connection: close`` (19.x only the response that reaches ``max_requests``), and
+    the requests the client had already sent behind it on the same connection are
+    dropped unanswered. Here, while retiring, a
+    response keeps its connection only for a request already read behind it, and says
+    ``Connection: close`` otherwise: every pipelined request is answered, the last one
+    with ``Connection: close`` (RFC 9112 section 9.3.2, 9.6).
+
+    ``handle_request`` decides by ``resp.force_close()`` before it calls ``self.wsgi``,
+    and the headers go out only when the app writes: so the app is wrapped, from the
+    moment the worker retires, to set ``resp.must_close`` by what is buffered.
+    """
+
+    alive = _WatchAlive()
+    _app_before_retiring = None
+
+    def _stop_keeping_alive(self):
+        """Wrap the app (once): called when ``alive`` turns False, and by a loop that
+        ends for another reason (its parent gone)."""
+        app = self.__dict__.get("wsgi")
+        if app is None or self._app_before_retiring is not None:
+            return
+        self._app_before_retiring = app
+        self.wsgi = partial(_app_while_retiring, self, app)
+
+
+def _app_while_retiring(worker, app, environ, start_response):
+    resp = getattr(start_response, "__self__", None)
+    if _compat.HTTP1_RESPONSE is not None and type(resp) is _compat.HTTP1_RESPONSE:
+        req = resp.req
+        resp.must_close = not (worker.cfg.keepalive and _compat.request_buffered(
+            getattr(req, "unreader", None), req))
+    return app(environ, start_response)

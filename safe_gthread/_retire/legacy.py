@@ -8,10 +8,10 @@ from concurrent import futures
 from functools import partial
 
 from .. import _compat, _handoff
-from ._common import RETIRE_LINGER, close_gracefully
+from ._common import RETIRE_LINGER, AnswerPipelinedWhileRetiring, close_gracefully
 
 
-class Retirement(object):
+class Retirement(AnswerPipelinedWhileRetiring):
     """gunicorn 19.x - 23.x: retire the way 27.0.1 does, dropping nothing.
 
     The stock loop of these versions, once ``alive`` is False, closes its poller and
@@ -25,7 +25,15 @@ class Retirement(object):
     listeners, wait for in-flight requests), but the poller's close is deferred: after
     the tail, every connection still registered is served one more request, answered
     with ``Connection: close``, or closed gracefully once idle for ``RETIRE_LINGER``.
+    The whole retirement, tail included, lasts at most ``graceful_timeout``.
+
+    At all times, requests a client pipelined (read together with the one before) are
+    served at once, in the same thread: stock files the connection in the poller,
+    which never wakes for bytes already read, so they wait for the keep-alive timeout
+    and are dropped.
     """
+
+    _retirement_began = None
 
     def run(self):
         poller = self.poller
@@ -40,16 +48,27 @@ class Retirement(object):
             poller.close()
 
     def _loop_ended(self):
+        self._retirement_began = time.time()  # the legacy loop's clock
         # The loop has ended; the tail closes the listeners next. Unregister them first:
         # epoll watches the open file, which the arbiter and our siblings still hold.
-        for listener in self.sockets:
-            try:
-                self.poller.unregister(listener)
-            except (KeyError, ValueError, OSError):
-                pass
-        # From now on every response says "Connection: close" (handle_request's own test).
-        self.max_keepalived = 0
+        with self._lock:
+            for listener in self.sockets:
+                try:
+                    self.poller.unregister(listener)
+                except Exception:  # never registered, or closed: nothing to undo
+                    pass
+        # From now on a response says "Connection: close" unless a request is already
+        # buffered behind it (also when the loop ended because the parent is gone).
+        self._stop_keeping_alive()
         _handoff.announce_retirement(self)
+
+    def handle(self, conn):
+        result = super(Retirement, self).handle(conn)
+        # Requests pipelined behind this one are already read: the poller would never
+        # wake for them. Serve them now, in order, as 27.0.0 does.
+        while result[0] and _compat.conn_request_buffered(conn):
+            result = super(Retirement, self).handle(conn)
+        return result
 
     def finish_request(self, fs):
         if fs.cancelled() or fs.exception() is not None:
@@ -68,7 +87,12 @@ class Retirement(object):
                 self._keep.append(conn)
                 self.poller.register(conn.sock, selectors.EVENT_READ,
                                      partial(getattr(self, _compat.KEEPALIVE_CALLBACK), conn))
-        except (OSError, ValueError, KeyError):
+        except Exception:  # as stock: whatever fails, the connection is closed and counted
+            with self._lock:
+                try:
+                    self._keep.remove(conn)
+                except ValueError:
+                    pass
             self.nr_conns -= 1
             conn.close()
 
@@ -84,7 +108,10 @@ class Retirement(object):
         self.tpool = self._new_thread_pool()
         start = time.time()  # the legacy loop's connection timeouts use time.time()
         linger_until = start + RETIRE_LINGER
-        deadline = start + self.cfg.graceful_timeout
+        # One graceful_timeout for the whole retirement: the stock tail may have spent
+        # most of it waiting for in-flight requests.
+        began = self._retirement_began if self._retirement_began is not None else start
+        deadline = began + self.cfg.graceful_timeout
         try:
             while True:
                 self.notify()
@@ -118,14 +145,22 @@ class Retirement(object):
                     timeout = min(timeout, 0.05)
                 for key, _ in self.poller.select(timeout):
                     key.data(key.fileobj)
-            self._forget(self._waiting_connections())
+        except Exception:
+            # Stock would have crashed the worker here; the connections kept for the
+            # drain are still closed with a FIN rather than reset at exit.
+            self.log.exception("safe-gthread: the retiring worker's drain failed")
         finally:
             self.tpool.shutdown(wait=False)
+        self._forget(self._waiting_connections())
 
     def _waiting_connections(self):
         """The connections still registered with the poller, each waiting for a request."""
+        # Under the lock: pool threads register kept-alive connections meanwhile, and a
+        # dict that changes size during the walk raises RuntimeError.
+        with self._lock:
+            keys = list(self.poller.get_map().values())
         conns = []
-        for key in list(self.poller.get_map().values()):
+        for key in keys:
             callback = key.data
             if isinstance(callback, partial) and callback.args:
                 conns.append(callback.args[0])
@@ -138,7 +173,7 @@ class Retirement(object):
             for conn in conns:
                 try:
                     self.poller.unregister(conn.sock)
-                except (KeyError, ValueError, OSError):
+                except Exception:  # already gone, or a closed fd: it is forgotten anyway
                     pass
                 try:
                     self._keep.remove(conn)

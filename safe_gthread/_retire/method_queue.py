@@ -48,6 +48,12 @@ class Retirement(graceful.Retirement):
         if not result or result is _compat.GTHREAD_DEFER:
             return super(Retirement, self).finish_request(conn, fs)
         try:
+            if _compat.conn_request_buffered(conn):
+                # A request pipelined behind this one is already read: the poller would
+                # never wake for it (24.0 - 26.x wait for the keep-alive timeout; 27.0.0
+                # makes this same check).
+                self.enqueue_req(conn)
+                return
             conn.sock.setblocking(False)
             conn.set_timeout()
             if not self.alive:
@@ -55,7 +61,11 @@ class Retirement(graceful.Retirement):
             self.keepalived_conns.append(conn)
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self.on_client_socket_readable, conn))
-        except (OSError, ValueError, KeyError):
+        except Exception:  # as stock: whatever fails, the connection is closed and counted
+            try:
+                self.keepalived_conns.remove(conn)
+            except ValueError:
+                pass
             self.nr_conns -= 1
             conn.close()
 
