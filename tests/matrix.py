@@ -140,7 +140,7 @@ def run_cell(number, total, gunicorn, python, wheel, extra):
         proc = subprocess.run(
             [os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider", "-rfEs",
              "--basetemp", os.path.join(basetemp, "t"), "--junitxml", junit,
-             "-o", "junit_family=xunit1", os.path.join(ROOT, "tests")] + extra,
+             "-o", "junit_family=xunit1"] + test_paths(extra) + extra,
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     finally:
         shutil.rmtree(basetemp, ignore_errors=True)
@@ -149,6 +149,15 @@ def run_cell(number, total, gunicorn, python, wheel, extra):
         label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started)
     output = proc.stdout.decode("utf-8", "replace")
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
+
+
+def test_paths(extra):
+    """The whole suite, unless the extra pytest arguments name tests themselves
+    (``tests/test_patch.py``, ``tests/test_x.py::test_y``, a directory)."""
+    for arg in extra:
+        if not arg.startswith("-") and os.path.exists(os.path.join(ROOT, arg.split("::")[0])):
+            return []
+    return [os.path.join(ROOT, "tests")]
 
 
 _CELL = re.compile(r"^(\d+\.\d+(?:\.\d+)?)-(3\.\d+)$")
