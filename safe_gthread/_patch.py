@@ -61,19 +61,23 @@ def wrap(owner, name, impl, key="safe_gthread"):
         if ident in _layers:
             return False
         original, inherited = _raw(owner, name)
-        if original is None or not callable(original):
+        # A staticmethod or classmethod is wrapped inside the same kind of descriptor,
+        # so it binds as before (neither object is callable as stored before 3.10).
+        descriptor = type(original) if isinstance(original, (staticmethod, classmethod)) else None
+        function = original.__func__ if descriptor is not None else original
+        if function is None or not callable(function):
             return False
         layer = _Layer(owner, name, key, original, inherited)
 
-        @functools.wraps(original)
+        @functools.wraps(function)
         def wrapper(*args, **kwargs):
             if layer.active:
-                return impl(layer.original, *args, **kwargs)
-            return layer.original(*args, **kwargs)
+                return impl(function, *args, **kwargs)
+            return function(*args, **kwargs)
 
         wrapper._safe_gthread_layer = layer
-        layer.wrapper = wrapper
-        setattr(owner, name, wrapper)
+        layer.wrapper = wrapper if descriptor is None else descriptor(wrapper)
+        setattr(owner, name, layer.wrapper)
         _layers[ident] = layer
         return True
 
@@ -101,7 +105,8 @@ def is_wrapped(owner, name, key="safe_gthread"):
 
 
 def original(owner, name, key="safe_gthread"):
-    """What ``owner.name`` was before our layer ``key`` (or the current value)."""
+    """What ``owner.name`` was before our layer ``key`` (or the current value), as stored
+    (a staticmethod or classmethod object for those)."""
     layer = _layers.get((id(owner), name, key))
     if layer is not None:
         return layer.original
