@@ -366,7 +366,7 @@ def _targets():
     yield gunicorn_sock.UnixSocket, "bind", _bind
     if _compat.UNIX_CLOSE_UNLINKS:
         yield gunicorn_sock.UnixSocket, "close", _close
-    if _compat.HAS_CLOSE_SOCKETS:
+    if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
         yield gunicorn_sock, "close_sockets", _close_sockets
     yield gunicorn_arbiter.Arbiter, "reexec", _reexec
 

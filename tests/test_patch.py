@@ -247,3 +247,35 @@ def test_guard_bind_passes_new_arguments_through():
     sock = types.SimpleNamespace(getsockname=lambda: "/nowhere/x.sock")
     guard._bind(original, listener, sock, backlog=7)
     assert original.calls == [((listener, sock), {"backlog": 7})]
+
+
+# -- a target whose parameters changed is left alone ---------------------------------------
+
+def test_renamed_parameters_are_not_wrapped(module):
+    def close_sockets(socks, unlink=True):  # ``listeners`` renamed upstream
+        return socks
+
+    module.close_sockets = close_sockets
+    assert _patch.wrap(module, "close_sockets", guard._close_sockets, key=KEY) is False
+    assert module.close_sockets is close_sockets
+    assert not _patch.is_wrapped(module, "close_sockets", KEY)
+
+
+def test_a_parameter_added_upstream_is_still_wrapped(module):
+    seen = []
+
+    def close_sockets(listeners, unlink=True, linger=0):
+        seen.append((listeners, unlink, linger))
+
+    module.close_sockets = close_sockets
+    assert _patch.wrap(module, "close_sockets", guard._close_sockets, key=KEY) is True
+    module.close_sockets([], linger=4)
+    assert seen == [([], False, 4)]  # unlink=False: the guard unlinks what it owns itself
+
+
+def test_a_wrapper_that_takes_anything_is_wrapped(module):
+    def close_sockets(*args, **kwargs):  # someone's wrapper without functools.wraps
+        return args
+
+    module.close_sockets = close_sockets
+    assert _patch.wrap(module, "close_sockets", guard._close_sockets, key=KEY) is True
