@@ -104,10 +104,9 @@ def run(cmd, **kwargs):
     return subprocess.run(cmd, check=True, env=env, **kwargs)
 
 
-def build_wheel(python):
-    """One wheel for every cell (pure Python, py3): built once with the host's Python."""
-    dist = os.path.join(MATRIX_DIR, "dist")
-    shutil.rmtree(dist, ignore_errors=True)
+def build_wheel(python, dist):
+    """One wheel for every cell (pure Python, py3): built once with the host's Python,
+    into this run's own ``dist`` (two matrix runs side by side keep their own wheels)."""
     run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT],
         stdout=subprocess.DEVNULL)
     return glob.glob(os.path.join(dist, "safe_gthread-*.whl"))[0]
@@ -232,7 +231,14 @@ def main(argv=None):
     for _, python in cells:
         find_python(python)  # a missing interpreter fails here, before any venv is built
     os.makedirs(MATRIX_DIR, exist_ok=True)
-    wheel = build_wheel(sys.executable)
+    dist = tempfile.mkdtemp(prefix="dist-", dir=MATRIX_DIR)
+    try:
+        return _run_cells(args, cells, build_wheel(sys.executable, dist), extra)
+    finally:
+        shutil.rmtree(dist, ignore_errors=True)
+
+
+def _run_cells(args, cells, wheel, extra):
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     summary = {}
     with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
