@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(config, items):
     expected = json.loads(os.environ.get("SAFE_GTHREAD_UPSTREAM_XFAIL") or "{}")
     for item in items:
         # "tests/test_sock.py::test_x[param]" -> also matched as "test_sock.py::test_x"
-        name = item.nodeid.split("/")[-1]
+        path, _, rest = item.nodeid.partition("::")
+        name = "%s::%s" % (os.path.basename(path), rest)
         reason = expected.get(name) or expected.get(name.split("[")[0])
         if reason:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
