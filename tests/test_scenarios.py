@@ -284,11 +284,10 @@ def test_usr2_then_term_old_master(gunicorn_server, worker):
         assert server.tracebacks() == 0, server.log()
 
 
-@pytest.mark.parametrize("worker", ["stock", "safe"])
+# Stock keeps the file from 19.7: there the control could only pass, so it does not run.
+@pytest.mark.parametrize("worker", ["stock", "safe"] if STOCK_WORKERS_UNLINK else ["safe"])
 def test_usr2_then_term_new_master(gunicorn_server, worker):
     """A rollback: the new master goes, the old one keeps serving and still cleans up."""
-    if worker == "stock" and not STOCK_WORKERS_UNLINK:
-        pytest.skip("stock keeps the file here; nothing to control")
     server = gunicorn_server(worker)
     inode = server.inode()
     new_master = usr2(server)
