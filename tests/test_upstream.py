@@ -133,6 +133,13 @@ def upstream(tmp_path_factory):
                SAFE_GTHREAD_UPSTREAM_XFAIL=json.dumps(_expected_here()),
                PYTHONPATH=os.pathsep.join(
                    [STANDIN] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # What the run below tests is ours, not stock gthread:
+    standing_in = subprocess.run(
+        [sys.executable, "-c", "from gunicorn import util; import safe_gthread; "
+         "assert util.load_class('gthread') is safe_gthread.Worker"],
+        cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=120)
+    assert standing_in.returncode == 0, standing_in.stdout
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "standin",
          "-W", "ignore::pytest.PytestAssertRewriteWarning",
