@@ -3,8 +3,8 @@
 From 24.0 gunicorn's sdist ships its tests. On a cell whose gunicorn has them, this
 fetches that version's sdist (cached in .matrix/upstream/), and runs its gthread,
 keep-alive shutdown, socket, arbiter and signal tests with ``safe_gthread.Worker``
-standing in for ``gunicorn.workers.gthread.ThreadWorker`` (tests/upstream/standin.py),
-one pytest run per file, in a fresh interpreter.
+standing in for ``gunicorn.workers.gthread.ThreadWorker`` (tests/upstream/standin.py)
+in one pytest run in a fresh interpreter, reported here file by file.
 
 Every difference from stock is deliberate: ``EXPECTED_FAILURES`` below is the one list
 of upstream tests that fail with the safe worker, each with its reason. They run as
