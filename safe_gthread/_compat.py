@@ -16,7 +16,7 @@ from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 from gunicorn.workers import gthread
 
-GUNICORN_VERSION = gunicorn.__version__
+GUNICORN_VERSION = getattr(gunicorn, "__version__", "(unknown version)")
 PYTHON_VERSION = platform.python_version()
 
 _ThreadWorker = gthread.ThreadWorker
