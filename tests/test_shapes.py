@@ -247,6 +247,9 @@ def _our_warnings(server):
                                           reason="gunicorn < 19.7 has no close_sockets")),
 ])
 def test_real_gunicorn_of_an_unrecognised_shape(tmp_path, alteration, needle):
+    """Altered by its config file, a real gunicorn serves with safe_gthread.Worker,
+    restarts workers, logs one WARNING naming what it left as gunicorn has it, and
+    stops cleanly: exit 0, no traceback, the socket file removed by its own stop."""
     server = _server(tmp_path, alteration, workers=2, max_requests=5)
     try:
         server.start()
