@@ -240,6 +240,7 @@ def _our_warnings(server):
             if "[WARNING]" in line and "safe-gthread" in line]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("alteration,needle", [
     pytest.param(LOOP_RENAMED, "stop path", id="loop-renamed"),
     pytest.param(CLOSE_SOCKETS_RENAMED, "close_sockets", id="close_sockets-renamed",
