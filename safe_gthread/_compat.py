@@ -18,7 +18,7 @@ from gunicorn.http import body as gunicorn_body
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import gthread
 
-GUNICORN_VERSION = gunicorn.__version__
+GUNICORN_VERSION = getattr(gunicorn, "__version__", "(unknown version)")
 PYTHON_VERSION = platform.python_version()
 
 _ThreadWorker = gthread.ThreadWorker
@@ -28,7 +28,7 @@ def _parameters(function):
     """The parameter names of ``function``, or None when they cannot be read."""
     try:
         return list(inspect.signature(function).parameters)
-    except (TypeError, ValueError):
+    except Exception:  # a probe never raises: None is "cannot tell"
         return None
 
 
@@ -41,7 +41,7 @@ def _names_used(function):
 #: gunicorn <= 19.6.0: ``UnixSocket.close()`` itself unlinks the path, in whichever process
 #: closes it, workers included; the first worker to restart deletes the socket file
 #: (benoitc/gunicorn#1298). 19.7.0 moved the unlink to the arbiter.
-UNIX_CLOSE_UNLINKS = "close" in vars(gunicorn_sock.UnixSocket)
+UNIX_CLOSE_UNLINKS = "close" in vars(getattr(gunicorn_sock, "UnixSocket", object))
 
 #: gunicorn >= 19.7.0: the arbiter's ``stop()`` unlinks through
 #: ``sock.close_sockets(listeners, unlink)``, looked up on the module at call time.
@@ -60,7 +60,10 @@ HAS_GET_THREAD_POOL = hasattr(_ThreadWorker, "get_thread_pool")
 #: 25.3 and later: ``handle()`` returns this marker for a connection that sent nothing yet.
 GTHREAD_DEFER = getattr(gthread, "_DEFER", None)
 
-_FINISH_REQUEST = _parameters(getattr(_ThreadWorker, "finish_request", None)) or []
+def _takes(name, *shapes):
+    """True when ``ThreadWorker.name`` exists and its parameters are one of ``shapes``
+    exactly: a method our retirement overrides is called by gunicorn with those."""
+    return _parameters(getattr(_ThreadWorker, name, None)) in [list(shape) for shape in shapes]
 
 
 def _generation():
@@ -70,27 +73,25 @@ def _generation():
     connections in ``_keep``. 24.0 rewrote the loop around ``set_accept_enabled`` and a
     method queue, ``finish_request(self, conn, fs)``: "method-queue" (24.0 - 27.0.0), or
     "graceful" (27.0.1 and later) once a stopping worker keeps its kept-alive connections
-    for one more request (``_cap_keepalive``, ``STOP_KEEPALIVE_LINGER``). None: a shape
-    we do not know; the worker then keeps gunicorn's own stop path.
+    for one more request (``STOP_KEEPALIVE_LINGER``, ``_cap_keepalive``). None: a shape
+    we do not know; the worker then keeps gunicorn's own stop path. Every method the
+    chosen retirement overrides must exist with exactly the parameters it expects.
     """
-    legacy = (not hasattr(_ThreadWorker, "set_accept_enabled")
-              and _FINISH_REQUEST == ["self", "fs"]
-              and hasattr(_ThreadWorker, KEEPALIVE_CALLBACK)
-              and hasattr(_ThreadWorker, "murder_keepalived"))
-    if legacy:
-        return "legacy"
-    method_queue = (hasattr(_ThreadWorker, "set_accept_enabled")
-                    and _FINISH_REQUEST[:3] == ["self", "conn", "fs"]
-                    and hasattr(_ThreadWorker, "on_client_socket_readable")
-                    and hasattr(_ThreadWorker, "murder_keepalived")
-                    and hasattr(_ThreadWorker, "wait_for_and_dispatch_events"))
-    if method_queue and hasattr(gthread, "STOP_KEEPALIVE_LINGER"):
-        return "graceful"
-    if method_queue and not hasattr(_ThreadWorker, "_cap_keepalive"):
-        return "method-queue"
-    if hasattr(_ThreadWorker, "set_accept_enabled") and hasattr(_ThreadWorker, "_cap_keepalive"):
-        return "graceful"
-    return None
+    keepalive = _takes(KEEPALIVE_CALLBACK, ("self", "conn", "client"))
+    if not hasattr(_ThreadWorker, "set_accept_enabled"):
+        legacy = (keepalive and _takes("run", ("self",))
+                  and _takes("finish_request", ("self", "fs"))
+                  and _takes("murder_keepalived", ("self",)))
+        return "legacy" if legacy else None
+    if not _takes("set_accept_enabled", ("self", "enabled")):
+        return None
+    if hasattr(gthread, "STOP_KEEPALIVE_LINGER") or hasattr(_ThreadWorker, "_cap_keepalive"):
+        return "graceful"  # overrides set_accept_enabled only
+    method_queue = (keepalive and hasattr(gthread, "PollableMethodQueue")
+                    and _takes("finish_request", ("self", "conn", "fs"))
+                    and _takes("wait_for_and_dispatch_events", ("self", "timeout"))
+                    and _takes("murder_keepalived", ("self",), ("self", "force")))
+    return "method-queue" if method_queue else None
 
 
 #: "legacy", "method-queue", "graceful", or None for a gthread loop we do not recognise;

@@ -14,10 +14,12 @@ path) goes through :func:`wrap`, the way wrapt and OpenTelemetry's instrumentati
   someone patched over us since, our layer stays in their chain but turns into a plain
   pass-through, so their patch keeps working.
 
-A target that does not exist on this gunicorn is not an error: :func:`wrap` returns
-False and the caller says, once, what it left unpatched.
+A target that does not exist on this gunicorn, or whose parameters are no longer the
+ones the wrapper names, is not an error: :func:`wrap` returns False and the caller
+says, once, what it left unpatched.
 """
 import functools
+import inspect
 import threading
 
 _lock = threading.RLock()
@@ -50,30 +52,66 @@ def _raw(owner, name):
     return value, False
 
 
+_NAMED = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _fits(impl, function):
+    """Can ``impl`` stand in front of ``function``? Every parameter ``impl`` names after
+    ``original`` must be ``function``'s, at the same position: a gunicorn that renamed or
+    reordered them is left alone (and named in a WARNING by the caller), rather than
+    handed arguments it would misread. What ``impl`` takes as ``*args``/``**kwargs``
+    passes through unchecked; a signature that cannot be read is trusted."""
+    try:
+        wanted = list(inspect.signature(impl).parameters.values())[1:]
+        present = list(inspect.signature(function).parameters.values())
+    except Exception:
+        return True
+    positional = [p.name for p in present if p.kind in _NAMED]
+    by_name = dict((p.name, p) for p in present)
+    open_ended = any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                     for p in present)
+    for index, parameter in enumerate(p for p in wanted if p.kind in _NAMED):
+        if index < len(positional):
+            if positional[index] != parameter.name:
+                return False
+        elif not open_ended:
+            return False
+    for parameter in wanted:
+        if parameter.kind == inspect.Parameter.KEYWORD_ONLY:
+            if parameter.name not in by_name and not open_ended:
+                return False
+    return True
+
+
 def wrap(owner, name, impl, key="safe_gthread"):
     """Replace ``owner.name`` with a wrapper calling ``impl(original, *args, **kwargs)``.
 
     ``owner`` is a class or a module. Returns True when this call installed the layer,
-    False when it was already there or ``owner`` has no callable ``name``.
+    False when it was already there, ``owner`` has no callable ``name``, or its
+    parameters are not the ones ``impl`` names (see ``_fits``).
     """
     with _lock:
         ident = (id(owner), name, key)
         if ident in _layers:
             return False
         original, inherited = _raw(owner, name)
-        if original is None or not callable(original):
+        # A staticmethod or classmethod is wrapped inside the same kind of descriptor,
+        # so it binds as before (neither object is callable as stored before 3.10).
+        descriptor = type(original) if isinstance(original, (staticmethod, classmethod)) else None
+        function = original.__func__ if descriptor is not None else original
+        if function is None or not callable(function) or not _fits(impl, function):
             return False
         layer = _Layer(owner, name, key, original, inherited)
 
-        @functools.wraps(original)
+        @functools.wraps(function)
         def wrapper(*args, **kwargs):
             if layer.active:
-                return impl(layer.original, *args, **kwargs)
-            return layer.original(*args, **kwargs)
+                return impl(function, *args, **kwargs)
+            return function(*args, **kwargs)
 
         wrapper._safe_gthread_layer = layer
-        layer.wrapper = wrapper
-        setattr(owner, name, wrapper)
+        layer.wrapper = wrapper if descriptor is None else descriptor(wrapper)
+        setattr(owner, name, layer.wrapper)
         _layers[ident] = layer
         return True
 
@@ -101,7 +139,8 @@ def is_wrapped(owner, name, key="safe_gthread"):
 
 
 def original(owner, name, key="safe_gthread"):
-    """What ``owner.name`` was before our layer ``key`` (or the current value)."""
+    """What ``owner.name`` was before our layer ``key`` (or the current value), as stored
+    (a staticmethod or classmethod object for those)."""
     layer = _layers.get((id(owner), name, key))
     if layer is not None:
         return layer.original

@@ -202,7 +202,8 @@ def _bind_failure(path, exc):
 
 
 def _check_reuse_port(path, conf):
-    if not (getattr(conf, "reuse_port", False) and hasattr(socket, "SO_REUSEPORT")):
+    # ``is True``: the setting is a bool; anything else (a test's Mock config) is not set.
+    if not (getattr(conf, "reuse_port", False) is True and hasattr(socket, "SO_REUSEPORT")):
         return
     scratch = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -279,10 +280,11 @@ def _adopt(listener, environ=os.environ, pid=None):
 
 
 def _handover(listeners, pid=None):
-    pid = os.getpid() if pid is None else pid
     owned = []
     for listener in listeners:
         owner = _attr(listener, OWNER_ATTR)
+        if owner is not None and pid is None:
+            pid = os.getpid()  # only then: gunicorn's reexec() counts on its own getpid calls
         if owner is not None and owner[0] == pid:
             owned.append([listener.getsockname(), owner[1], owner[2]])
     return json.dumps(owned) if owned else None
@@ -364,7 +366,7 @@ def _targets():
     yield gunicorn_sock.UnixSocket, "bind", _bind
     if _compat.UNIX_CLOSE_UNLINKS:
         yield gunicorn_sock.UnixSocket, "close", _close
-    if _compat.HAS_CLOSE_SOCKETS:
+    if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
         yield gunicorn_sock, "close_sockets", _close_sockets
     yield gunicorn_arbiter.Arbiter, "reexec", _reexec
 

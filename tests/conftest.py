@@ -32,3 +32,22 @@ def require_tool(name):
             pytest.fail("%s is not installed; .ci/run should have installed it" % name)
         pytest.skip("%s is not installed" % name)
     return path
+
+
+#: Test modules that start servers, proxies or builds without the gunicorn_server fixture.
+_PROCESS_MODULES = ("test_check", "test_docs", "test_examples", "test_packaging",
+                    "test_upstream", "test_load_restarts")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "e2e: starts real processes (gunicorn, proxies, builds); "
+        "-m 'not e2e' runs only the in-process unit tests, in seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        if ("gunicorn_server" in getattr(item, "fixturenames", ())
+                or module.rsplit(".", 1)[-1] in _PROCESS_MODULES):
+            item.add_marker(pytest.mark.e2e)

@@ -6,6 +6,8 @@ package installed from a freshly built wheel (never the source tree).
     python3 tests/matrix.py --cells 19.6.0-3.6   # some cells (gunicorn-python, comma-separated)
     python3 tests/matrix.py --jobs 1             # one cell at a time (default: two)
     python3 tests/matrix.py -- -k restart        # extra pytest arguments after --
+    python3 tests/matrix.py --cells 27.0.1-3.13 -- tests/test_patch.py   # named tests only
+    python3 tests/matrix.py --load               # tests/load/ on every cell, not LOAD_CELLS
 
 Venvs live in .matrix/ and are reused when their pins are unchanged. Each cell's output
 is printed whole when the cell ends. The last line is the total over all cells:
@@ -27,13 +29,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".matrix")
 
 #: (gunicorn, Python): the seed's version on its Python and on the newest it runs on,
-#: the first fixed 19.x, each major line after it (26.0.0 for the 24.0 - 27.0.0 gthread
-#: loop, which has a retirement of its own; 27.0.0, whose stop closes kept-alive
-#: connections at once), and the newest on two Pythons.
+#: the first fixed 19.x, each major line after it; for the 24.0 - 27.0.0 gthread loop
+#: (a retirement of its own) its first release line (24.1.1), a 25.x before 25.3's
+#: ``_DEFER`` (25.1.0), 26.0.0 and 26.2.0, and 27.0.0, whose stop closes kept-alive
+#: connections at once; the newest on two Pythons.
 CELLS = [
     ("19.6.0", "3.6"), ("19.6.0", "3.9"), ("19.9.0", "3.6"), ("20.1.0", "3.8"),
-    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("26.0.0", "3.12"), ("27.0.0", "3.12"),
-    ("27.0.1", "3.12"), ("27.0.1", "3.13"),
+    ("21.2.0", "3.10"), ("23.0.0", "3.12"), ("24.1.1", "3.12"), ("25.1.0", "3.12"),
+    ("26.0.0", "3.12"), ("26.2.0", "3.12"), ("27.0.0", "3.12"), ("27.0.1", "3.12"),
+    ("27.0.1", "3.13"),
+]
+
+#: The cells that also run the load tests (tests/load/, a few minutes each): the
+#: lowest and the newest, and each side of every gthread generation boundary (19.x - 23.x
+#: legacy loop, 24.0 - 27.0.0 method queue, 27.0.1 graceful stop). The other cells run
+#: them with ``--load``; ``--no-load`` skips them everywhere.
+LOAD_CELLS = [
+    ("19.6.0", "3.6"), ("19.9.0", "3.6"), ("23.0.0", "3.12"), ("24.1.1", "3.12"),
+    ("27.0.0", "3.12"), ("27.0.1", "3.13"),
 ]
 
 
@@ -46,22 +59,34 @@ def gunicorn_requirements(gunicorn):
     return pins
 
 
-def test_requirements(python):
+def eventlet_requirement(gunicorn, python):
+    """gunicorn 19.7 - 20.x's eventlet worker imports ``eventlet.wsgi.ALREADY_HANDLED``,
+    which eventlet 0.30.3 removed (21.0 copes without it); 0.33.3 is the last for 3.6."""
+    if (19, 7) <= _version(gunicorn) < (21,):
+        return "eventlet<0.30.3"
+    return "eventlet==0.33.3" if python == "3.6" else "eventlet"
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_requirements(python, gunicorn):
     """What the tests need besides the package, pinned to what still supports ``python``.
 
     gevent and eventlet let tests/test_scenarios.py run the guard under every built-in
-    worker class (gunicorn 20.x's eventlet worker needs eventlet < 0.30.3).
+    worker class (``eventlet_requirement``).
     """
     if python == "3.6":
         return ["pytest>=7.0,<7.1", "hypothesis>=6.31,<6.32",
-                "eventlet==0.33.3", "gevent>=21,<22.11"]
+                eventlet_requirement(gunicorn, python), "gevent>=21,<22.11"]
     if python == "3.7":
         return ["pytest>=7.4,<7.5", "hypothesis>=6.79,<6.80"]
     # mkdocs (tests/test_docs.py builds the site) runs on Python >= 3.8; build and twine
     # (tests/test_packaging.py) are needed in one cell only.
     docs = ["mkdocs>=1.6,<2"]
     packaging = ["build>=1.2,<2", "twine>=6,<8"] if python == "3.13" else []
-    workers = ["eventlet<0.30.3" if python == "3.8" else "eventlet", "gevent"]
+    workers = [eventlet_requirement(gunicorn, python), "gevent"]
     return ["pytest>=8,<9", "hypothesis>=6.100,<7"] + docs + packaging + workers
 
 
@@ -79,10 +104,9 @@ def run(cmd, **kwargs):
     return subprocess.run(cmd, check=True, env=env, **kwargs)
 
 
-def build_wheel(python):
-    """One wheel for every cell (pure Python, py3): built once with the host's Python."""
-    dist = os.path.join(MATRIX_DIR, "dist")
-    shutil.rmtree(dist, ignore_errors=True)
+def build_wheel(python, dist):
+    """One wheel for every cell (pure Python, py3): built once with the host's Python,
+    into this run's own ``dist`` (two matrix runs side by side keep their own wheels)."""
     run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT],
         stdout=subprocess.DEVNULL)
     return glob.glob(os.path.join(dist, "safe_gthread-*.whl"))[0]
@@ -90,7 +114,7 @@ def build_wheel(python):
 
 def prepare(gunicorn, python, wheel):
     venv = os.path.join(MATRIX_DIR, "gunicorn%s-py%s" % (gunicorn, python))
-    pins = gunicorn_requirements(gunicorn) + test_requirements(python)
+    pins = gunicorn_requirements(gunicorn) + test_requirements(python, gunicorn)
     stamp = os.path.join(venv, "pins.txt")
     bin_python = os.path.join(venv, "bin", "python")
     if not (os.path.exists(stamp) and open(stamp).read() == "\n".join(pins)):
@@ -121,8 +145,9 @@ def count(junit):
     return totals
 
 
-def run_cell(number, total, gunicorn, python, wheel, extra):
-    """Prepare one cell's venv and run the suite in it; return (cell counts, output)."""
+def run_cell(number, total, gunicorn, python, wheel, extra, load=True):
+    """Prepare one cell's venv and run the suite in it (without tests/load/ unless
+    ``load``); return (cell counts, output)."""
     label = "gunicorn %s on Python %s" % (gunicorn, python)
     print("=== [%d/%d] %s: preparing its venv" % (number, total, label), flush=True)
     started = time.monotonic()
@@ -140,15 +165,27 @@ def run_cell(number, total, gunicorn, python, wheel, extra):
         proc = subprocess.run(
             [os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider", "-rfEs",
              "--basetemp", os.path.join(basetemp, "t"), "--junitxml", junit,
-             "-o", "junit_family=xunit1", os.path.join(ROOT, "tests")] + extra,
+             "-o", "junit_family=xunit1"] + test_paths(extra, load) + extra,
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     finally:
         shutil.rmtree(basetemp, ignore_errors=True)
     cell = count(junit)
-    line = "%-32s %3d passed, %d failed, %d skipped  (%ds)" % (
-        label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started)
+    line = "%-32s %3d passed, %d failed, %d skipped  (%ds%s)" % (
+        label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started,
+        "" if load else ", no load tests")
     output = proc.stdout.decode("utf-8", "replace")
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
+
+
+def test_paths(extra, load=True):
+    """The whole suite (with tests/load/ only if ``load``), unless the extra pytest
+    arguments name tests themselves (``tests/test_patch.py``, ``tests/test_x.py::test_y``,
+    a directory): then those, whatever ``load`` says."""
+    for arg in extra:
+        if not arg.startswith("-") and os.path.exists(os.path.join(ROOT, arg.split("::")[0])):
+            return []
+    tests = os.path.join(ROOT, "tests")
+    return [tests] if load else [tests, "--ignore", os.path.join(tests, "load")]
 
 
 _CELL = re.compile(r"^(\d+\.\d+(?:\.\d+)?)-(3\.\d+)$")
@@ -182,6 +219,11 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2,
                         help="cells run side by side (default 2; each cell's output is "
                              "printed whole when it ends)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--load", action="store_true",
+                      help="run tests/load/ on every cell (default: only on %s)"
+                      % ",".join("-".join(c) for c in LOAD_CELLS))
+    load.add_argument("--no-load", action="store_true", help="run tests/load/ on no cell")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -189,12 +231,20 @@ def main(argv=None):
     for _, python in cells:
         find_python(python)  # a missing interpreter fails here, before any venv is built
     os.makedirs(MATRIX_DIR, exist_ok=True)
-    wheel = build_wheel(sys.executable)
+    dist = tempfile.mkdtemp(prefix="dist-", dir=MATRIX_DIR)
+    try:
+        return _run_cells(args, cells, build_wheel(sys.executable, dist), extra)
+    finally:
+        shutil.rmtree(dist, ignore_errors=True)
+
+
+def _run_cells(args, cells, wheel, extra):
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     summary = {}
     with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        running = {pool.submit(run_cell, number, len(cells), gunicorn, python, wheel, extra): number
-                   for number, (gunicorn, python) in enumerate(cells, 1)}
+        running = {pool.submit(run_cell, number, len(cells), gunicorn, python, wheel, extra,
+                               not args.no_load and (args.load or (gunicorn, python) in LOAD_CELLS)):
+                   number for number, (gunicorn, python) in enumerate(cells, 1)}
         for done in futures.as_completed(running):
             cell, line, output = done.result()
             print(output, flush=True)

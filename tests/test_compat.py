@@ -1,5 +1,6 @@
 """What _compat must detect on each gunicorn of the matrix (attrs-style: the flags are
 computed from gunicorn itself; these version facts pin them)."""
+import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
 import safe_gthread
@@ -61,3 +62,67 @@ def test_boot_line_once_naming_the_protections(gunicorn_server):
     assert server.errorlog().count(line) == 1, server.log()
     for phrase in _compat.protections():
         assert phrase in server.errorlog()
+
+
+# -- what each matrix cell detects, pinned row by row ----------------------------------------
+
+_FLAGS = ("UNIX_CLOSE_UNLINKS", "HAS_CLOSE_SOCKETS", "KEEPALIVE_CALLBACK", "HAS_GET_THREAD_POOL",
+          "GTHREAD_GENERATION", "HAS_DEFER", "STOP_CLOSES_KEPT_ALIVE_AT_ONCE",
+          "GTHREAD_LINGERS_ON_STOP", "REUSE_PORT_BINDS_IN_WORKERS")
+_R, _O = "reuse_connection", "on_client_socket_readable"
+
+#: gunicorn -> the flags above, for every gunicorn of tests/matrix.py's CELLS.
+DETECTED = {
+    (19, 6, 0): (True, False, _R, False, "legacy", False, False, False, False),
+    (19, 9, 0): (False, True, _R, False, "legacy", False, False, False, False),
+    (20, 1, 0): (False, True, _R, True, "legacy", False, False, False, False),
+    (21, 2, 0): (False, True, _O, True, "legacy", False, False, False, False),
+    (23, 0, 0): (False, True, _O, True, "legacy", False, False, False, False),
+    (24, 1, 1): (False, True, _O, True, "method-queue", False, False, False, True),
+    (25, 1, 0): (False, True, _O, True, "method-queue", False, False, False, True),
+    (26, 0, 0): (False, True, _O, True, "method-queue", True, False, False, True),
+    (26, 2, 0): (False, True, _O, True, "method-queue", True, False, False, True),
+    (27, 0, 0): (False, True, _O, True, "method-queue", True, True, False, True),
+    (27, 0, 1): (False, True, _O, True, "graceful", True, False, True, True),
+}
+
+
+def _detected():
+    values = dict((name, getattr(_compat, name, None)) for name in _FLAGS)
+    values["HAS_DEFER"] = _compat.GTHREAD_DEFER is not None
+    return tuple(values[name] for name in _FLAGS)
+
+
+def test_matrix_cells_are_all_pinned():
+    import matrix
+    pinned = set(".".join(map(str, version)) for version in DETECTED)
+    assert set(gunicorn for gunicorn, _ in matrix.CELLS) <= pinned
+
+
+def test_this_cell_detects_exactly_its_row():
+    if GUNICORN not in DETECTED:
+        pytest.skip("gunicorn %s is not a matrix cell; the rules above still hold"
+                    % ".".join(map(str, GUNICORN)))
+    assert dict(zip(_FLAGS, _detected())) == dict(zip(_FLAGS, DETECTED[GUNICORN]))
+
+
+def test_every_override_takes_gunicorns_parameters():
+    """A retirement method gunicorn calls must take exactly what gunicorn passes: the
+    generation probe checks these, and this holds every retirement to it."""
+    import inspect
+    retirement = _retire.for_generation()
+    for klass in retirement.__mro__[:-1]:
+        for name, value in vars(klass).items():
+            stock = getattr(ThreadWorker, name, None)
+            if not callable(value) or stock is None or name.startswith("__"):
+                continue
+            assert (list(inspect.signature(value).parameters)
+                    == list(inspect.signature(stock).parameters)), (klass, name)
+
+
+def test_probes_never_raise_on_odd_objects():
+    broken = type("Broken", (), {"__call__": lambda self: None,
+                                 "__signature__": property(lambda self: 1 / 0)})
+    for odd in (None, 3, object(), broken()):
+        assert _compat._parameters(odd) is None
+        assert _compat._names_used(odd) == frozenset()

@@ -1,31 +1,15 @@
-"""Helpers for the load tests: wrk runs that stop on a condition, proxies, and the facts
-the stock control is held to on each gunicorn version."""
+"""Helpers for the load tests: wrk runs that stop on a condition, proxies, and what a run
+must show (the version facts the stock control is held to are in tests/versions.py)."""
 import os
 import re
 import signal
 import subprocess
 import time
 
-import gunicorn
 from conftest import require_tool
 
 from safe_gthread.check import load as _load
 from safe_gthread.check.proxy import Proxy
-
-GUNICORN = tuple(gunicorn.version_info)
-
-#: The stock worker is the control on gunicorn 19.x (the matrix's 19.6.0 and 19.9.0 cells),
-#: where the issue measured it losing requests; newer cells run only the safe worker.
-CONTROL = GUNICORN < (20,)
-
-#: 19.6.0's retiring worker deletes the socket file (benoitc/gunicorn#1298): after the first
-#: restart every request through any path fails, so the control need not run long.
-STOCK_UNLINKS = GUNICORN < (19, 7)
-
-#: 19.x accepts a connection straight into its thread pool (20.0 started parking it in the
-#: poller until readable), so a retiring 19.7+ worker drops nothing that arrived on a fresh
-#: connection: through nginx without upstream keep-alive the control loses nothing there.
-STOCK_LOSES_FRESH = STOCK_UNLINKS
 
 #: The seed's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
 #: loaded 2-core CI runner still sees RESTARTS restarts within a few seconds.
