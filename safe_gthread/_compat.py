@@ -80,6 +80,7 @@ def _generation():
     keepalive = _takes(KEEPALIVE_CALLBACK, ("self", "conn", "client"))
     if not hasattr(_ThreadWorker, "set_accept_enabled"):
         legacy = (keepalive and _takes("run", ("self",))
+                  and _takes("handle", ("self", "conn"))
                   and _takes("finish_request", ("self", "fs"))
                   and _takes("murder_keepalived", ("self",)))
         return "legacy" if legacy else None
