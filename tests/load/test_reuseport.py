@@ -8,10 +8,12 @@ namespace, restored afterwards even on failure):
 - ``tcp_migrate_req = 0`` (the kernel default): the stock worker is the control and must
   fail requests; the safe worker (the arbiter keeps one listener per worker slot) must
   fail none, and keep exactly ``workers`` listeners in the group.
-- ``tcp_migrate_req = 1``: the second control; the kernel moves the queue itself, so
-  nothing is lost to the listener. The safe worker fails none; stock 27.0.1 none either
-  (24.x - 27.0.0 still lose kept-alive connections on retirement, issue 3, so their stock
-  figures are printed, not asserted).
+- ``tcp_migrate_req = 1``: the second control; the kernel moves a closing listener's
+  queue to another listener of the group. The safe worker fails none. The stock figures
+  are printed, not asserted: on this machine (Linux 6.18) stock 27.0.1 still failed
+  hundreds to thousands of requests per run with the sysctl on (while the same kernel
+  migrates a plain socket pair's queue: accepted 40 of 40 after the close), and
+  24.x - 27.0.0 also lose kept-alive connections on retirement (issue 3).
 
 On gunicorn < 24 the arbiter binds the one listener: the safe worker must lose nothing
 and there is no listener loss for a control to show.
@@ -23,8 +25,7 @@ import pytest
 import loadkit
 from loadkit import SETTINGS, assert_control_failed, assert_lost_nothing, run_wrk, stop_condition
 from safe_gthread.check.proxy import Proxy
-from versions import (GUNICORN, HAS_REUSE_PORT, REUSE_PORT_BINDS_IN_WORKERS,
-                      STOCK_RETIRES_WITHOUT_LOSS)
+from versions import GUNICORN, HAS_REUSE_PORT, REUSE_PORT_BINDS_IN_WORKERS
 from conftest import require_tool
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
@@ -136,9 +137,7 @@ def test_with_tcp_migrate_req_neither_loses_to_the_listener(gunicorn_server, tmp
     assert_lost_nothing(safe)
     assert_group_kept(safe, SETTINGS["workers"])
     stock = run(gunicorn_server, tmp_path, "stock", kind, upstream_keepalive)
-    print(stock.headline())
-    if STOCK_RETIRES_WITHOUT_LOSS:
-        assert_lost_nothing(stock)
+    print("(not asserted) " + stock.headline())
 
 
 def test_hup_keeps_the_group_and_loses_nothing(gunicorn_server, tmp_path, migrate_req):
