@@ -276,3 +276,44 @@ def test_not_applied_without_reuse_port_or_on_unix_binds():
     assert _reuseport.applies(cfg) == _compat.REUSE_PORT_BINDS_IN_WORKERS
     cfg.set("bind", ["127.0.0.1:8000", "unix:/tmp/x.sock"])
     assert not _reuseport.applies(cfg)
+
+
+# -- the boot lines and the compat flags ------------------------------------------------------
+
+class _Cfg(object):
+    address = [("127.0.0.1", 8000)]
+
+
+class _Arbiter(object):
+    def __init__(self):
+        self.cfg = _Cfg()
+        self.log = _Log()
+        self.num_workers = 3
+
+
+@pytest.mark.parametrize("active,kernel,level,phrase", [
+    (True, 0, "info", "keeps one listener per worker"),
+    (False, 0, "warning", "net.ipv4.tcp_migrate_req = 1"),
+    (False, None, "warning", "net.ipv4.tcp_migrate_req = 1"),
+    (False, 1, "info", "net.ipv4.tcp_migrate_req = 1 moves"),
+])
+def test_one_boot_line_saying_how_queued_connections_are_kept(monkeypatch, active, kernel,
+                                                              level, phrase):
+    monkeypatch.setattr(_reuseport, "_state", {})
+    monkeypatch.setattr(_reuseport, "migrate_req", lambda: kernel)
+    arbiter = _Arbiter()
+    _reuseport._announce(arbiter, active)
+    _reuseport._announce(arbiter, active)  # once per arbiter
+    assert len(arbiter.log.lines) == 1, arbiter.log.lines
+    got_level, line = arbiter.log.lines[0]
+    assert got_level == level and phrase in line and "127.0.0.1:8000" in line, line
+
+
+def test_compat_flags():
+    from versions import GUNICORN, REUSE_PORT_BINDS_IN_WORKERS
+    assert _compat.REUSE_PORT_BINDS_IN_WORKERS == REUSE_PORT_BINDS_IN_WORKERS
+    if GUNICORN >= (19, 9):
+        assert _compat.CREATE_SOCKETS_TAKES_FDS
+    if GUNICORN < (19, 7):
+        assert not _compat.CREATE_SOCKETS_TAKES_FDS
+        assert not _reuseport.install()  # nothing to do where the arbiter binds

@@ -177,3 +177,33 @@ def test_hup_keeps_the_group_and_loses_nothing(gunicorn_server, tmp_path, migrat
     assert not proxy.upstream_failures(), proxy.upstream_failures()
     server.wait_for(lambda: server.listeners() == settings["workers"], 30,
                     "the group back at %d listeners" % settings["workers"])
+
+
+def test_check_command_shows_it(migrate_req):
+    """``safe-gthread check --bind tcp --reuse-port``: what a user runs to see it."""
+    import json
+    import subprocess
+    import sys
+    if not REUSE_PORT_BINDS_IN_WORKERS:
+        pytest.skip("gunicorn %s binds one listener in the arbiter" % (GUNICORN,))
+    migrate_req(0)
+    out = subprocess.run([sys.executable, "-m", "safe_gthread", "check", "--bind", "tcp",
+                          "--reuse-port", "--json", "--seconds", "8", "--workers", "5",
+                          "--threads", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=300)
+    report = json.loads(out.stdout)
+    print(report["verdict"])
+    assert report["settings"]["bind"] == "tcp" and report["settings"]["reuse_port"]
+    assert report["stock"]["failed_requests"] > 0, report
+    assert report["safe"]["failed_requests"] == 0, report
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+
+
+def test_check_refuses_reuse_port_on_a_unix_socket():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "safe_gthread", "check", "--reuse-port"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    assert out.returncode == 2
+    assert "--reuse-port needs --bind tcp" in out.stderr
