@@ -83,7 +83,8 @@ def wrk(url, seconds, on_tick):
 
 def one_run(worker, args, root):
     directory = tempfile.mkdtemp(prefix="reuseport-%s-" % worker, dir=root)
-    settings = dict(SETTINGS, max_requests=args.max_requests)
+    settings = dict(SETTINGS, max_requests=args.max_requests,
+                    max_requests_jitter=args.jitter)
     server = Gunicorn(directory, worker, tcp=True, **settings)
     proxy = None
     listeners = []
@@ -110,6 +111,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-requests", type=int, default=512)
+    parser.add_argument("--jitter", type=int, default=0, help="max_requests_jitter")
     parser.add_argument("--proxy", choices=("h2o", "nginx"), default="h2o")
     parser.add_argument("--migrate-req", choices=("0", "1"),
                         help="set net.ipv4.tcp_migrate_req for the run (default: leave it)")
@@ -140,9 +142,9 @@ def main(argv=None):
         shutil.rmtree(root, ignore_errors=True)
     print()
     print("gunicorn %s, Python %s, reuse_port on 127.0.0.1 via %s, tcp_migrate_req = %s, "
-          "%d x %d s, max_requests %d" % (gunicorn.__version__, sys.version.split()[0],
-                                          args.proxy, kernel, args.repeats, args.seconds,
-                                          args.max_requests))
+          "%d x %d s, max_requests %d (jitter %d)" % (
+              gunicorn.__version__, sys.version.split()[0], args.proxy, kernel, args.repeats,
+              args.seconds, args.max_requests, args.jitter))
     print("| gunicorn | worker | requests | failed | restarts | per 1,000 restarts "
           "| listeners (min-max) |")
     print("|---|---|---|---|---|---|---|")
