@@ -343,8 +343,9 @@ class Check(object):
         args = self.args
         directory = os.path.join(self.root, name)
         os.mkdir(directory)
-        extra = {"reuse_port": True} if args.reuse_port else {}
-        server = _runner.Gunicorn(directory, name, tcp=args.bind == "tcp", workers=args.workers,
+        extra = {"reuse_port": True} if getattr(args, "reuse_port", False) else {}
+        tcp = getattr(args, "bind", "unix") == "tcp"
+        server = _runner.Gunicorn(directory, name, tcp=tcp, workers=args.workers,
                                   threads=args.threads, max_requests=args.max_requests, **extra)
         self.progress.update("%s: starting gunicorn %s" % (label, _compat.GUNICORN_VERSION),
                              force=True)
@@ -443,8 +444,9 @@ class Check(object):
             "settings": {"seconds": self.args.seconds, "max_requests": self.args.max_requests,
                          "workers": self.args.workers, "threads": self.args.threads,
                          "clients": self.clients, "keepalive_share": 0.5,
-                         "proxy": self.args.proxy, "bind": self.args.bind,
-                         "reuse_port": self.args.reuse_port},
+                         "proxy": self.args.proxy,
+                         "bind": getattr(self.args, "bind", "unix"),
+                         "reuse_port": getattr(self.args, "reuse_port", False)},
             "stock": stock,
             "safe": safe,
         }

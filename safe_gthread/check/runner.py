@@ -64,12 +64,11 @@ class Gunicorn(object):
                  guard=False, tcp=False, **settings):
         self.directory = str(directory)
         self.sock_path = os.path.join(self.directory, "gunicorn.sock")
-        #: Where it serves: the unix socket's path, or ("127.0.0.1", port) with ``tcp``.
-        self.address = ("127.0.0.1", free_port()) if tcp else self.sock_path
+        self.tcp_address = ("127.0.0.1", free_port()) if tcp else None
         self.log_path = os.path.join(self.directory, "gunicorn.log")
         self.config_path = os.path.join(self.directory, "gunicorn_conf.py")
         self.app = app
-        bind = "%s:%d" % self.address if tcp else "unix:" + self.sock_path
+        bind = "%s:%d" % self.tcp_address if tcp else "unix:" + self.sock_path
         config = {"bind": bind, "workers": 2, "threads": 2,
                   "worker_class": WORKER_CLASSES.get(worker_class, worker_class),
                   "errorlog": self.log_path, "loglevel": "info", "graceful_timeout": 10,
@@ -85,6 +84,12 @@ class Gunicorn(object):
                 fh.write("%s = %r\n" % (name, value))
         self.settings = config
         self.proc = None
+
+    @property
+    def address(self):
+        """Where it serves: ("127.0.0.1", port) with ``tcp``, else the unix socket's path
+        (read each time: tests point ``sock_path`` elsewhere after construction)."""
+        return getattr(self, "tcp_address", None) or self.sock_path
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, wait=True, timeout=20.0):
@@ -208,12 +213,12 @@ class Gunicorn(object):
     def listeners(self):
         """How many sockets LISTEN on this server's TCP port (/proc/net/tcp): with
         ``reuse_port`` on gunicorn >= 24, the size of its reuseport group."""
-        if self.address == self.sock_path:
+        if not getattr(self, "tcp_address", None):
             return None
-        return count_listeners(self.address[1])
+        return count_listeners(self.tcp_address[1])
 
     def inode(self):
-        if self.address != self.sock_path:
+        if getattr(self, "tcp_address", None):
             return None  # TCP: no file to keep
         try:
             st = os.lstat(self.sock_path)
