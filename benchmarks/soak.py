@@ -16,6 +16,14 @@ the Python of the environment to soak, e.g.
 ``--worker stock`` soaks gunicorn's own gthread worker, the control for the arbiter's
 growth; on gunicorn versions whose worker deletes the socket it fails at the first restart.
 
+``--reuse-port`` binds 127.0.0.1 with gunicorn's ``reuse_port`` instead (issue 14): it
+also counts the listeners in the port's reuseport group (LISTEN sockets in
+/proc/net/tcp) all through the run, and the workers' open fds, which must stay bounded:
+the safe worker's arbiter keeps exactly ``--workers`` listeners (a HUP's new workers
+share them with the old ones), and each worker holds its own slot's listener only.
+
+    .matrix/gunicorn27.0.1-py3.13/bin/python benchmarks/soak.py --reuse-port --restarts 10000
+
 Exit status 0 when the fds are the same, RSS grew less than ``--rss-slack`` KiB and no
 request failed; 1 otherwise. Not a test: it takes minutes.
 """
@@ -52,6 +60,17 @@ def settled_state(pid, workers, timeout=30.0):
     return arbiter_state(pid)
 
 
+def workers_fds(server):
+    """The open fds of each live worker, sorted."""
+    counts = []
+    for pid in server.worker_pids():
+        try:
+            counts.append(len(os.listdir("/proc/%d/fd" % pid)))
+        except OSError:
+            pass  # it just exited
+    return sorted(counts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=("safe", "stock"), default="safe")
@@ -63,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--rss-slack", type=int, default=1024, help="KiB")
     parser.add_argument("--max-seconds", type=float, default=1800)
     parser.add_argument("--sample-every", type=int, default=1000, help="restarts")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind 127.0.0.1 with reuse_port; count the group's listeners")
     args = parser.parse_args(argv)
     for name in ("restarts", "hup_every", "workers", "max_requests", "sample_every"):
         if getattr(args, name) < 1:
@@ -70,14 +91,17 @@ def main(argv=None):
 
     directory = tempfile.mkdtemp(prefix="soak-")
     # Restarts are counted from the log's "Booting worker" lines: loglevel info.
+    extra = {"tcp": True, "reuse_port": True} if args.reuse_port else {}
     server = Gunicorn(directory, args.worker, workers=args.workers, threads=2,
-                      max_requests=args.max_requests, keepalive=2)
+                      max_requests=args.max_requests, keepalive=2, **extra)
+    listeners = []  # the group's size, read about twice a second (reuse_port)
+    worker_fds = []  # (restarts, fds of each worker) at each sample
     hups = []
     samples = []  # (restarts, RSS KiB), read on the fly: fds vary with retiring workers
     try:
         server.start()
         pid = server.proc.pid
-        _load.run_load(server.sock_path, seconds=args.max_seconds, concurrency=8,
+        _load.run_load(server.address, seconds=args.max_seconds, concurrency=8,
                        stop=lambda: server.restarts() >= args.warmup)
         before = settled_state(pid, args.workers)
         started = time.monotonic()
@@ -88,6 +112,9 @@ def main(argv=None):
             done = server.restarts()
             if (done - first) // args.sample_every > len(samples):
                 samples.append((done - first, arbiter_state(pid)[1]))
+                worker_fds.append((done - first, workers_fds(server)))
+            if args.reuse_port:
+                listeners.append(server.listeners())
             if done // args.hup_every > len(hups):
                 hups.append(done)
                 server.signal(signal.SIGHUP)
@@ -96,11 +123,13 @@ def main(argv=None):
                                 result.requests, result.failed, time.monotonic() - started))
             sys.stderr.flush()
 
-        result = _load.run_load(server.sock_path, seconds=args.max_seconds, concurrency=8,
+        result = _load.run_load(server.address, seconds=args.max_seconds, concurrency=8,
                                 stop=lambda: server.restarts() >= target, progress=progress)
         sys.stderr.write("\n")
         after = settled_state(pid, args.workers)
         restarts = server.restarts() - first
+        settled_listeners = server.listeners()
+        settled_fds = workers_fds(server)
     finally:
         server.stop()
     print("worker %s, gunicorn %s, Python %s" % (args.worker, gunicorn.__version__,
@@ -113,6 +142,19 @@ def main(argv=None):
           % (before[0], after[0], before[1], after[1], after[1] - before[1]))
     ok = (after[0] == before[0] and after[1] - before[1] < args.rss_slack
           and result.failed == 0 and restarts >= args.restarts)
+    print("worker fds by restarts: %s; at the end: %s" % (
+        ", ".join("%d: %s" % (n, fds) for n, fds in worker_fds) or "-", settled_fds))
+    if args.reuse_port:
+        seen = [n for n in listeners if n is not None]
+        print("listeners on the port during the run: min %s, max %s (%d readings); "
+              "at the end: %s (workers %d)" % (min(seen or [0]), max(seen or [0]), len(seen),
+                                                settled_listeners, args.workers))
+        # A HUP's new workers share the old ones' listeners, so the group never grows;
+        # the stock worker's group only shrinks and regrows with each restart.
+        if args.worker == "safe":
+            ok = ok and settled_listeners == args.workers and max(seen or [0]) == args.workers
+    if result.failed:
+        print("failures: %s" % dict(result.errors))
     print("soak: %s" % ("held" if ok else "FAILED"))
     if ok:
         shutil.rmtree(directory, ignore_errors=True)

@@ -121,6 +121,12 @@ STOP_CLOSES_KEPT_ALIVE_AT_ONCE = (
 REUSE_PORT_BINDS_IN_WORKERS = (
     "create_sockets" in _names_used(getattr(gunicorn_arbiter.Arbiter, "spawn_worker", None)))
 
+#: gunicorn >= 19.7: ``sock.create_sockets(conf, log, fds=None)`` wraps listeners that are
+#: already bound (gunicorn closes each fd it is given); ``_reuseport`` hands a worker its
+#: slot's listeners through it.
+CREATE_SOCKETS_TAKES_FDS = "fds" in (
+    _parameters(getattr(gunicorn_sock, "create_sockets", None)) or [])
+
 #: The status gunicorn's arbiter takes for "Worker failed to boot." (it then halts).
 WORKER_BOOT_ERROR = getattr(gunicorn_arbiter.Arbiter, "WORKER_BOOT_ERROR", 3)
 

@@ -3,7 +3,7 @@ import logging
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import _compat, _handoff, _retire, guard
+from . import _compat, _handoff, _retire, _reuseport, guard
 from ._version import __version__
 
 _announced = []
@@ -39,6 +39,7 @@ class Worker(_Retirement, ThreadWorker):
         log = logging.getLogger("gunicorn.error")
         guard.install(log)
         _handoff.install()
+        _reuseport.install()
         if _compat.GTHREAD_GENERATION is None:
             _compat.warn_unrecognised("safe_gthread.Worker's retirement",
                                       ["gthread.ThreadWorker's stop path"], log)

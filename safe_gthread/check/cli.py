@@ -1,6 +1,8 @@
 """``safe-gthread check``: is this gunicorn affected, and does ``safe_gthread.Worker`` hold?
 
-Runs the installed gunicorn twice on a unix socket in a fresh temporary directory, with
+Runs the installed gunicorn twice on a unix socket in a fresh temporary directory (or on
+a free 127.0.0.1 port with ``--bind tcp``, and ``--reuse-port`` for gunicorn's
+``reuse_port``), with
 the bundled hello-world app and a small ``max_requests``: first with the stock gthread
 worker, then with ``safe_gthread.Worker``. Each run gets the same bounded load (half
 keep-alive, half fresh connections) from our own client, or through h2o or nginx with
@@ -101,6 +103,12 @@ def _parser():
                        help="gunicorn threads per worker (default: 4)")
     check.add_argument("--proxy", choices=("h2o", "nginx"),
                        help="send the load through this proxy (it must be installed)")
+    check.add_argument("--bind", choices=("unix", "tcp"), default="unix",
+                       help="serve on a unix socket (default) or on a free 127.0.0.1 port")
+    check.add_argument("--reuse-port", action="store_true",
+                       help="gunicorn reuse_port = True (with --bind tcp): from gunicorn 24 "
+                       "each worker binds its own listener, whose queued connections a "
+                       "restart resets unless net.ipv4.tcp_migrate_req = 1")
     check.add_argument("--json", action="store_true",
                        help="print one JSON object instead of the table")
     return parser
@@ -112,6 +120,12 @@ def main(argv=None):
     if args.command != "check":
         parser.print_usage(sys.stderr)
         sys.stderr.write("safe-gthread: error: a command is required: check\n")
+        return EXIT_CANNOT_RUN
+    if args.reuse_port and args.bind != "tcp":
+        # On a unix socket reuse_port is not a load-spreading setting but a crash loop
+        # (SO_REUSEPORT on AF_UNIX is refused by current kernels).
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("safe-gthread: error: --reuse-port needs --bind tcp\n")
         return EXIT_CANNOT_RUN
     return Check(args).run()
 
@@ -329,8 +343,10 @@ class Check(object):
         args = self.args
         directory = os.path.join(self.root, name)
         os.mkdir(directory)
-        server = _runner.Gunicorn(directory, name, workers=args.workers, threads=args.threads,
-                                  max_requests=args.max_requests)
+        extra = {"reuse_port": True} if getattr(args, "reuse_port", False) else {}
+        tcp = getattr(args, "bind", "unix") == "tcp"
+        server = _runner.Gunicorn(directory, name, tcp=tcp, workers=args.workers,
+                                  threads=args.threads, max_requests=args.max_requests, **extra)
         self.progress.update("%s: starting gunicorn %s" % (label, _compat.GUNICORN_VERSION),
                              force=True)
         with self.interrupts.held():
@@ -338,9 +354,9 @@ class Check(object):
             server.start(wait=False)
         server.wait_ready(START_TIMEOUT)
         inode = server.inode()
-        address = server.sock_path
+        address = server.address
         if args.proxy:
-            address = self._start_proxy(directory, server.sock_path)
+            address = self._start_proxy(directory, server.address)
 
         watch = _SocketWatch(server, inode)
         watch.start()
@@ -428,7 +444,9 @@ class Check(object):
             "settings": {"seconds": self.args.seconds, "max_requests": self.args.max_requests,
                          "workers": self.args.workers, "threads": self.args.threads,
                          "clients": self.clients, "keepalive_share": 0.5,
-                         "proxy": self.args.proxy},
+                         "proxy": self.args.proxy,
+                         "bind": getattr(self.args, "bind", "unix"),
+                         "reuse_port": getattr(self.args, "reuse_port", False)},
             "stock": stock,
             "safe": safe,
         }
@@ -436,9 +454,11 @@ class Check(object):
         return report
 
     def _table(self, report):
+        unix = report["settings"]["bind"] == "unix"
         rows = [
             ("restarts", lambda p: _n(p["restarts"])),
-            ("socket kept (same inode)", lambda p: "yes" if p["socket_survived"] else "NO"),
+            ("socket kept (same inode)",
+             lambda p: ("yes" if p["socket_survived"] else "NO") if unix else "n/a (TCP)"),
             ("requests", lambda p: _n(p["requests"])),
             ("failed requests", lambda p: _n(p["failed_requests"])),
             ("successful requests/s",
@@ -449,7 +469,9 @@ class Check(object):
             rows.append(("%s upstream errors" % report["settings"]["proxy"],
                          lambda p: _n(p["proxy_upstream_errors"])))
         s = report["settings"]
-        via = ("through %s" % s["proxy"]) if s["proxy"] else "on the unix socket"
+        where = "the unix socket" if unix else "127.0.0.1%s" % (
+            " with reuse_port" if s["reuse_port"] else "")
+        via = ("through %s to %s" % (s["proxy"], where)) if s["proxy"] else "on " + where
         out = ["", "safe-gthread check: gunicorn %s, Python %s; %d workers x %d threads, "
                "max_requests %d; %d s of load each from %d clients (half keep-alive) %s"
                % (report["gunicorn"], report["python"], s["workers"], s["threads"],
@@ -485,7 +507,8 @@ def _verdict(report):
                                                         _n(phase["requests"])))
         return "%s %s" % (who, " and ".join(parts))
 
-    clean = "kept its socket and failed no request across %s"
+    clean = ("kept its socket and failed no request across %s"
+             if report["settings"]["bind"] == "unix" else "failed no request across %s")
     if report["affected"]:
         first = "%s is affected: %s" % (version, losses(stock, "the stock gthread worker"))
     else:

@@ -1,8 +1,8 @@
 """Start and stop a real gunicorn, for ``safe-gthread check`` and the tests.
 
-Each server runs in a new session on a unix socket in its own directory, with a
-generated config file; readiness is a real request against a monotonic deadline;
-failures carry the server's log; teardown ends the whole process group (SIGTERM,
+Each server runs in a new session on a unix socket in its own directory (or, with
+``tcp=True``, on a free 127.0.0.1 port), with a generated config file; readiness is a
+real request against a monotonic deadline; failures carry the server's log; teardown ends the whole process group (SIGTERM,
 then SIGKILL), never anything by name.
 """
 import os
@@ -13,6 +13,24 @@ import sys
 import time
 
 from . import load as _load, procs as _procs
+from .proxy import free_port
+
+
+def count_listeners(port):
+    """Sockets in LISTEN state on ``port`` of 127.0.0.1 or any address (IPv4)."""
+    wanted = {"0100007F:%04X" % port, "00000000:%04X" % port}
+    count = 0
+    try:
+        with open("/proc/net/tcp") as fh:
+            lines = fh.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] in wanted and fields[3] == "0A":  # 0A: LISTEN
+            count += 1
+    return count
+
 
 class ServerError(RuntimeError):
     """gunicorn did not start, answer or stop as expected; the message ends with its log."""
@@ -43,13 +61,15 @@ def gunicorn_command():
 
 class Gunicorn(object):
     def __init__(self, directory, worker_class="safe_gthread.Worker", app="safe_gthread.check.app:app",
-                 guard=False, **settings):
+                 guard=False, tcp=False, **settings):
         self.directory = str(directory)
         self.sock_path = os.path.join(self.directory, "gunicorn.sock")
+        self.tcp_address = ("127.0.0.1", free_port()) if tcp else None
         self.log_path = os.path.join(self.directory, "gunicorn.log")
         self.config_path = os.path.join(self.directory, "gunicorn_conf.py")
         self.app = app
-        config = {"bind": "unix:" + self.sock_path, "workers": 2, "threads": 2,
+        bind = "%s:%d" % self.tcp_address if tcp else "unix:" + self.sock_path
+        config = {"bind": bind, "workers": 2, "threads": 2,
                   "worker_class": WORKER_CLASSES.get(worker_class, worker_class),
                   "errorlog": self.log_path, "loglevel": "info", "graceful_timeout": 10,
                   "timeout": 30, "keepalive": 2,
@@ -64,6 +84,12 @@ class Gunicorn(object):
                 fh.write("%s = %r\n" % (name, value))
         self.settings = config
         self.proc = None
+
+    @property
+    def address(self):
+        """Where it serves: ("127.0.0.1", port) with ``tcp``, else the unix socket's path
+        (read each time: tests point ``sock_path`` elsewhere after construction)."""
+        return getattr(self, "tcp_address", None) or self.sock_path
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, wait=True, timeout=20.0):
@@ -82,7 +108,7 @@ class Gunicorn(object):
         return self
 
     def wait_ready(self, timeout=20.0):
-        self.wait_for(self._serves, timeout, "gunicorn to answer on %s" % self.sock_path)
+        self.wait_for(self._serves, timeout, "gunicorn to answer on %s" % (self.address,))
         self.wait_for(lambda: self.booted() >= self.settings["workers"], timeout,
                       "all workers to boot")
         self.wait_for(self._workers_listen_to_signals, timeout,
@@ -105,13 +131,13 @@ class Gunicorn(object):
         if self.proc.poll() is not None:
             raise ServerError("gunicorn exited with %s\n%s" % (self.proc.returncode, self.log()))
         try:
-            return _load.request(self.sock_path, timeout=2.0)[0] == 200
+            return _load.request(self.address, timeout=2.0)[0] == 200
         except (OSError, EOFError, ValueError):
             return False
 
     def serves(self):
         try:
-            return _load.request(self.sock_path, timeout=5.0)[0] == 200
+            return _load.request(self.address, timeout=5.0)[0] == 200
         except (OSError, EOFError, ValueError):
             return False
 
@@ -184,7 +210,16 @@ class Gunicorn(object):
         """The whole of gunicorn's error log (``log()`` is for failure messages: tails)."""
         return _procs.read_text(self.log_path)
 
+    def listeners(self):
+        """How many sockets LISTEN on this server's TCP port (/proc/net/tcp): with
+        ``reuse_port`` on gunicorn >= 24, the size of its reuseport group."""
+        if not getattr(self, "tcp_address", None):
+            return None
+        return count_listeners(self.tcp_address[1])
+
     def inode(self):
+        if getattr(self, "tcp_address", None):
+            return None  # TCP: no file to keep
         try:
             st = os.lstat(self.sock_path)
         except FileNotFoundError:

@@ -1,0 +1,317 @@
+"""``reuse_port`` on TCP: the arbiter keeps one listener per worker slot.
+
+From gunicorn 24.0, ``reuse_port = True`` makes each worker bind its own listener
+(``sock.create_sockets`` in the child branch of ``Arbiter.spawn_worker``), and the kernel
+spreads new connections over one accept queue per worker. When a worker exits, its
+listener closes with it, and the kernel resets every connection still queued on it,
+unless the host has ``net.ipv4.tcp_migrate_req = 1`` (Linux 5.14+, off by default): under
+``max_requests`` churn a proxy in front answers 502 at every restart (mozilla/sumo#3323;
+benoitc/gunicorn#3612 and #3397 try to drain the queue on the way out instead).
+
+Here the arbiter binds the listeners itself, with gunicorn's own ``sock.create_sockets``
+(so SO_REUSEPORT and every other option are gunicorn's), one set per worker slot, and
+gives each worker it forks a duplicate of its slot's listeners in place of a fresh bind.
+A worker's exit then only closes its copy: the slot's accept queue outlives it, and the
+connections queued there wait for the next worker of the slot instead of being reset.
+
+- The slot for a spawn (:func:`choose_slot`, pure): the slot of the worker it replaces
+  when the scheduler says which that is; else a slot nobody uses (a worker died); else a
+  new one while there are fewer slots than ``workers`` (boot, TTIN); else a slot whose
+  users are all retiring; else the one with the fewest live users (HUP: each new worker
+  shares a slot with one old worker until that one leaves).
+- A slot is closed only when it has no live user and there are more slots than
+  ``workers`` (TTOU) or it is for an address no longer configured (HUP with a new bind).
+  So the group keeps exactly ``workers`` listeners, each with a worker accepting on it.
+- The arbiter's copies are close-on-exec (a USR2 master must not inherit listeners it
+  would never accept on); a worker closes every slot's copy but its own duplicate.
+
+Only where it applies: gunicorn binds in workers (``_compat.REUSE_PORT_BINDS_IN_WORKERS``),
+``reuse_port`` is on and every bind is a TCP address. Anything else passes straight
+through to gunicorn.
+"""
+import os
+import socket
+import threading
+
+from gunicorn import arbiter as gunicorn_arbiter
+from gunicorn import sock as gunicorn_sock
+
+from . import _compat, _patch
+
+PATCH_KEY = "safe_gthread.reuseport"
+
+#: The kernel's own remedy: move the queued connections of a closing listener to another
+#: listener of its reuseport group (Linux 5.14+). Per network namespace.
+MIGRATE_REQ_PATH = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+_lock = threading.RLock()
+# "slots": [_Slot], "pending": the _Slot of the spawn in progress (read in the child),
+# "arbiter": the arbiter's pid, "announced": True once the boot line is written.
+_state = {}
+
+
+class _Slot(object):
+    """One worker slot: the listeners for the configured addresses, and the pids of the
+    workers given them (the live ones are those still in ``Arbiter.WORKERS``)."""
+
+    __slots__ = ("address", "listeners", "users")
+
+    def __init__(self, address, listeners, users=()):
+        self.address = address
+        self.listeners = listeners
+        self.users = list(users)
+
+    def live_users(self, workers):
+        return [pid for pid in self.users if pid in workers]
+
+    def forget_dead(self, workers):
+        self.users = self.live_users(workers)
+
+    def close(self):
+        for listener in self.listeners:
+            _close_listener(listener)
+        self.listeners = []
+
+    def fds(self):
+        return [listener.fileno() for listener in self.listeners]
+
+
+def _close_listener(listener):
+    # gunicorn's BaseSocket: close the real socket (19.x - 23.x UnixSocket.close would
+    # unlink, but slots are TCP only).
+    inner = getattr(listener, "sock", listener)
+    try:
+        inner.close()
+    except OSError:
+        pass
+
+
+def choose_slot(slots, workers, num_workers, address=None, predecessor=None, retiring=()):
+    """The index in ``slots`` for the next worker, or None for a new slot.
+
+    ``slots``: objects with ``address`` and ``users`` (pids); ``workers``: the live worker
+    pids (a container); ``predecessor``: the pid this spawn replaces, when known;
+    ``retiring``: pids that are on their way out. Slots for another ``address`` (a HUP
+    changed the bind) are never chosen.
+    """
+    eligible = [i for i, slot in enumerate(slots) if address is None or slot.address == address]
+    live = dict((i, [pid for pid in slots[i].users if pid in workers]) for i in eligible)
+    if predecessor is not None:
+        for i in eligible:
+            if predecessor in live[i]:
+                return i
+    for i in eligible:
+        if not live[i]:
+            return i
+    if len(eligible) < num_workers:
+        return None
+    leaving = [i for i in eligible if all(pid in retiring for pid in live[i])]
+    candidates = leaving or eligible
+    return min(candidates, key=lambda i: (len(live[i]), i))
+
+
+def slots_to_close(slots, workers, num_workers, address=None):
+    """The indexes of the slots to close now: unused and beyond ``num_workers`` (newest
+    first), or unused and for an address no longer configured."""
+    unused = [i for i, slot in enumerate(slots)
+              if not any(pid in workers for pid in slot.users)]
+    stale = [i for i in unused if address is not None and slots[i].address != address]
+    current = [i for i in range(len(slots)) if i not in stale]
+    excess = max(len(current) - num_workers, 0)
+    surplus = [i for i in reversed(unused) if i not in stale][:excess]
+    return sorted(stale + surplus)
+
+
+def applies(cfg):
+    """True when this gunicorn and these settings make each worker bind its own TCP
+    listeners with SO_REUSEPORT: the case the slots are for."""
+    if not (_compat.REUSE_PORT_BINDS_IN_WORKERS and hasattr(socket, "SO_REUSEPORT")):
+        return False
+    if not getattr(cfg, "reuse_port", False):
+        return False
+    addresses = list(getattr(cfg, "address", None) or [])
+    return bool(addresses) and all(isinstance(a, tuple) for a in addresses)
+
+
+def migrate_req():
+    """The kernel's ``net.ipv4.tcp_migrate_req`` here (0/1), or None when unreadable."""
+    try:
+        with open(MIGRATE_REQ_PATH) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _scheduler_hints():
+    """(predecessor pid or None, retiring pids) from the arbiter's scheduler.
+
+    ``_schedule`` (readiness-gated handoff) knows which worker a spawn replaces; where it
+    is missing, ``_handoff``'s list of workers that announced their retirement is the
+    next best thing, else nothing is known and the fewest-users rule decides.
+    """
+    predecessor, retiring = None, set()
+    try:
+        from . import _schedule
+    except ImportError:
+        _schedule = None
+    if _schedule is not None:
+        try:
+            predecessor = _schedule.predecessor_of_spawn()
+        except AttributeError:
+            predecessor = None
+        try:
+            retiring = set(_schedule.retiring_pids())
+        except AttributeError:
+            retiring = set()
+    if not retiring:
+        try:
+            from . import _handoff
+            retiring = set(getattr(_handoff, "_state", {}).get("retiring") or ())
+        except ImportError:
+            pass
+    return predecessor, retiring
+
+
+def _address(cfg):
+    return tuple(cfg.address)
+
+
+def _new_slot(arbiter):
+    listeners = gunicorn_sock.create_sockets(arbiter.cfg, arbiter.log)
+    for listener in listeners:
+        # fork copies them; exec (USR2's new master) must not: a listener nobody accepts
+        # on would still take its share of the group's connections.
+        inner = getattr(listener, "sock", listener)
+        if hasattr(inner, "set_inheritable"):
+            inner.set_inheritable(False)
+    return _Slot(_address(arbiter.cfg), listeners)
+
+
+def _prune(arbiter):
+    slots = _state.get("slots")
+    if not slots:
+        return
+    workers = arbiter.WORKERS
+    for i in reversed(slots_to_close(slots, workers, arbiter.num_workers,
+                                     _address(arbiter.cfg))):
+        slots.pop(i).close()
+    for slot in slots:
+        slot.forget_dead(workers)
+
+
+def _announce(arbiter, active):
+    if _state.get("announced"):
+        return
+    _state["announced"] = True
+    log = arbiter.log
+    where = ", ".join("%s:%s" % a[:2] for a in _address(arbiter.cfg))
+    if active:
+        log.info("safe-gthread: reuse_port on %s: the arbiter keeps one listener per worker "
+                 "(%d), so the connections queued on a restarting worker's listener wait "
+                 "for its successor instead of being reset.", where, arbiter.num_workers)
+        return
+    if migrate_req() == 1:
+        log.info("safe-gthread: reuse_port on %s: each worker binds its own listener; "
+                 "net.ipv4.tcp_migrate_req = 1 moves a restarting worker's queued "
+                 "connections to the other listeners.", where)
+        return
+    log.warning("safe-gthread: reuse_port on %s: each worker binds its own listener and "
+                "this gunicorn %s cannot hand it over, so a restarting worker resets the "
+                "connections queued on it; set net.ipv4.tcp_migrate_req = 1 (Linux 5.14+) "
+                "to have the kernel move them to another listener.",
+                where, _compat.GUNICORN_VERSION)
+
+
+def _spawn_worker(original, arbiter, *args, **kwargs):
+    cfg = arbiter.cfg
+    if not applies(cfg):
+        return original(arbiter, *args, **kwargs)
+    if not _compat.CREATE_SOCKETS_TAKES_FDS or not _patch.is_wrapped(
+            gunicorn_sock, "create_sockets", PATCH_KEY):
+        _announce(arbiter, False)
+        return original(arbiter, *args, **kwargs)
+    with _lock:
+        _state["arbiter"] = os.getpid()
+        slots = _state.setdefault("slots", [])
+        _prune(arbiter)
+        predecessor, retiring = _scheduler_hints()
+        index = choose_slot(slots, arbiter.WORKERS, arbiter.num_workers, _address(cfg),
+                            predecessor, retiring)
+        if index is None:
+            slots.append(_new_slot(arbiter))
+            index = len(slots) - 1
+        slot = slots[index]
+        _announce(arbiter, True)
+        before = set(arbiter.WORKERS)
+        _state["pending"] = slot
+    try:
+        pid = original(arbiter, *args, **kwargs)
+    finally:
+        # Only the arbiter gets here: the child leaves spawn_worker with sys.exit.
+        _state.pop("pending", None)
+    if not isinstance(pid, int):
+        new = [p for p in arbiter.WORKERS if p not in before]
+        pid = new[0] if len(new) == 1 else None
+    if pid is not None:
+        slot.users.append(pid)
+    return pid
+
+
+def _create_sockets(original, conf, log, *args, **kwargs):
+    slot = _state.get("pending")
+    if slot is None or os.getpid() == _state.get("arbiter") or args or kwargs.get("fds"):
+        return original(conf, log, *args, **kwargs)
+    # In a freshly forked worker: its slot's listeners, duplicated (gunicorn wraps and
+    # closes the fd it is given), and none of the other slots' copies.
+    fds = [os.dup(fd) for fd in slot.fds()]
+    for other in _state.get("slots", []):
+        other.close()
+    _state.clear()
+    kwargs["fds"] = fds
+    return original(conf, log, **kwargs)
+
+
+def _manage_workers(original, arbiter, *args, **kwargs):
+    # Runs on every turn of the arbiter's loop: close what a TTOU or a new bind left.
+    if _state.get("slots") and os.getpid() == _state.get("arbiter"):
+        with _lock:
+            _prune(arbiter)
+    return original(arbiter, *args, **kwargs)
+
+
+def install():
+    """In the arbiter: wrap ``Arbiter.spawn_worker``, ``Arbiter.manage_workers`` and
+    ``sock.create_sockets`` (idempotent). Does nothing on a gunicorn whose arbiter binds
+    the listeners itself (< 24)."""
+    if not _compat.REUSE_PORT_BINDS_IN_WORKERS:
+        return False
+    with _lock:
+        installed = False
+        if _compat.CREATE_SOCKETS_TAKES_FDS:
+            installed |= _patch.wrap(gunicorn_sock, "create_sockets", _create_sockets,
+                                     key=PATCH_KEY)
+        installed |= _patch.wrap(gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers,
+                                 key=PATCH_KEY)
+        installed |= _patch.wrap(gunicorn_arbiter.Arbiter, "spawn_worker", _spawn_worker,
+                                 key=PATCH_KEY)
+        return installed
+
+
+def uninstall():
+    """Remove the wrappers and close the slots (tests)."""
+    with _lock:
+        removed = False
+        for owner, name in ((gunicorn_sock, "create_sockets"),
+                            (gunicorn_arbiter.Arbiter, "manage_workers"),
+                            (gunicorn_arbiter.Arbiter, "spawn_worker")):
+            removed |= _patch.unwrap(owner, name, key=PATCH_KEY)
+        for slot in _state.get("slots", []):
+            slot.close()
+        _state.clear()
+        return removed
+
+
+def listener_count():
+    """How many slots the arbiter holds (tests, soak)."""
+    return len(_state.get("slots", []))
+
