@@ -117,6 +117,13 @@ STOP_CLOSES_KEPT_ALIVE_AT_ONCE = (
 REUSE_PORT_BINDS_IN_WORKERS = (
     "create_sockets" in _names_used(getattr(gunicorn_arbiter.Arbiter, "spawn_worker", None)))
 
+#: How the arbiter's main loop waits between two rounds of ``manage_workers``: gunicorn
+#: <= 23 ``sleep()`` (a 1 s ``select`` on its self-pipe, woken by signals), gunicorn >= 24
+#: ``wait_for_signals(timeout=1.0)`` (a signal queue). None: neither (the socket healing
+#: then checks only when the loop comes round on its own).
+ARBITER_WAIT = ("wait_for_signals" if hasattr(gunicorn_arbiter.Arbiter, "wait_for_signals")
+                else "sleep" if hasattr(gunicorn_arbiter.Arbiter, "sleep") else None)
+
 #: The status gunicorn's arbiter takes for "Worker failed to boot." (it then halts).
 WORKER_BOOT_ERROR = getattr(gunicorn_arbiter.Arbiter, "WORKER_BOOT_ERROR", 3)
 
