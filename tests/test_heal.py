@@ -493,3 +493,9 @@ def test_the_check_never_raises_into_the_arbiter(monkeypatch):
         assert len(arbiter.log.warnings()) == 1 and "boom" in arbiter.log.warnings()[0]
     finally:
         arbiter.close()
+
+
+def test_the_arbiter_wait_is_detected():
+    from safe_gthread import _compat
+    from versions import GUNICORN
+    assert _compat.ARBITER_WAIT == ("wait_for_signals" if GUNICORN >= (24,) else "sleep")

@@ -355,3 +355,61 @@ def test_usr2_switch_from_the_stock_worker(gunicorn_server, target):
     server.wait_for(lambda: _gone(new_master), 30, "the new master to exit")
     if target == "safe":
         assert listing(server) == ["gunicorn_conf.py"], server.log()
+
+
+# -- any worker class, the opt-out, who may connect ----------------------------------------
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_the_guard_heals_under_any_worker_class(gunicorn_server, worker_class):
+    server = gunicorn_server(worker_class, guard=True,
+                             threads=2 if worker_class == "gthread" else 1)
+    mine = identity(server.sock_path)
+    os.unlink(server.sock_path)
+    server.wait_for(lambda: identity(server.sock_path) == mine, 10, "the path restored")
+    assert server.serves()
+    assert stop(server) == 0
+    assert listing(server) == ["gunicorn_conf.py"], server.log()
+
+
+def test_heal_off(gunicorn_server, monkeypatch):
+    monkeypatch.setenv("SAFE_GTHREAD_HEAL", "0")
+    server = gunicorn_server("safe")
+    monkeypatch.delenv("SAFE_GTHREAD_HEAL")
+    assert backups(server) == []
+    os.unlink(server.sock_path)
+    assert still_missing(server), server.log()
+    assert stop(server) == 0 and server.tracebacks() == 0, server.log()
+
+
+def test_a_bad_heal_setting_is_one_line_at_boot(gunicorn_server, monkeypatch):
+    monkeypatch.setenv("SAFE_GTHREAD_HEAL", "maybe")
+    server = gunicorn_server("safe", wait=False)
+    monkeypatch.delenv("SAFE_GTHREAD_HEAL")
+    assert server.wait_exit(30) != 0
+    assert "SAFE_GTHREAD_HEAL='maybe'" in server.log(), server.log()
+    assert not os.path.lexists(server.sock_path)
+
+
+@pytest.mark.parametrize("umask", [0, 0o007])
+def test_a_socket_everyone_may_connect_to_is_named_once(gunicorn_server, tmp_path, umask):
+    # Let others through every directory above the socket, as /tmp does.
+    chain, directory = [], str(tmp_path)
+    while directory != os.path.dirname(directory):
+        chain.append((directory, stat.S_IMODE(os.stat(directory).st_mode)))
+        directory = os.path.dirname(directory)
+    try:
+        for path, mode in chain:
+            os.chmod(path, mode | 0o001)
+        server = gunicorn_server("safe", wait=False, umask=umask)
+        os.chmod(server.directory, 0o755)
+        server.wait_ready()
+        found = warnings(server, "can be reached by every local user")
+        if umask == 0:
+            assert len(found) == 1 and "umask = 0o007" in found[0], server.log()
+        else:
+            assert found == [], server.log()
+        server.reload()
+        assert len(warnings(server, "can be reached by every local user")) == len(found)
+    finally:
+        for path, mode in chain:
+            os.chmod(path, mode)
