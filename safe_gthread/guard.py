@@ -400,17 +400,15 @@ def adoption_decision(bound, st):
     return True, ""
 
 
-def _maybe_adopt(arbiter, listener, pid):
+def _maybe_adopt(listener, log, pid, systemd=False, reuse_port=False):
     """A listener with no recorded owner: bound before the guard existed (a HUP from the
     stock worker) or inherited without an identity (USR2 from a stock master). Own its
     path only if the kernel proves the path names this very socket."""
     if _attr(listener, ADOPT_ATTR):
         return
     setattr(listener, ADOPT_ATTR, True)
-    if _attr(listener, INHERITED_ATTR) == "systemd" or getattr(arbiter, "systemd", False):
-        return  # systemd owns those paths
-    if getattr(getattr(arbiter, "cfg", None), "reuse_port", False):
-        return
+    if systemd or _attr(listener, INHERITED_ATTR) == "systemd" or reuse_port:
+        return  # systemd owns those paths; with reuse_port gunicorn never unlinks
     try:
         name = listener.getsockname()
         fd = listener.fileno()
@@ -423,7 +421,6 @@ def _maybe_adopt(arbiter, listener, pid):
     except OSError:
         st = None
     allowed, reason = adoption_decision(_unixdiag.bound_file(fd), st)
-    log = arbiter.log
     if not allowed:
         log.warning("Not adopting unix:%s (bound before safe-gthread was loaded): %s. It "
                     "is not restored if removed, nor removed at stop; a stop and start "
@@ -454,7 +451,8 @@ def _check_paths(arbiter):
     for listener in listeners:
         owner = _attr(listener, OWNER_ATTR)
         if owner is None:
-            _maybe_adopt(arbiter, listener, pid)
+            _maybe_adopt(listener, arbiter.log, pid, getattr(arbiter, "systemd", False),
+                         getattr(getattr(arbiter, "cfg", None), "reuse_port", False))
             continue
         if owner[0] != pid:
             continue
@@ -518,6 +516,12 @@ def _init(original, self, addr, conf, log, fd=None, **kwargs):
         systemd = os.environ.get("LISTEN_PID") == str(os.getpid())
         setattr(self, INHERITED_ATTR, "systemd" if systemd else "fd")
         _adopt(self)
+        if not systemd and "GUNICORN_PID" in os.environ and _attr(self, OWNER_ATTR) is None:
+            # USR2 from a master that handed over no identity (the stock worker's): at
+            # once, before the old master's workers can unlink the path on their way out.
+            # (Sockets from systemd come without GUNICORN_PID, but for a USR2 under
+            # socket activation; gunicorn >= 19.7 then never unlinks them anyway.)
+            _maybe_adopt(self, log, os.getpid(), reuse_port=getattr(conf, "reuse_port", False))
         return
     try:
         _open(original, self, addr, conf, log, **kwargs)

@@ -12,38 +12,7 @@ import time
 import pytest
 
 from safe_gthread import _heal, _unixdiag, guard
-
-
-class Log(object):
-    def __init__(self):
-        self.lines = []
-
-    def _add(self, level, msg, *args):
-        self.lines.append((level, msg % args))
-
-    def info(self, msg, *args):
-        self._add("info", msg, *args)
-
-    def warning(self, msg, *args):
-        self._add("warning", msg, *args)
-
-    def error(self, msg, *args):
-        self._add("error", msg, *args)
-
-    def warnings(self):
-        return [line for level, line in self.lines if level == "warning"]
-
-
-class Listener(object):
-    def __init__(self, sock, log=None):
-        self.sock = sock
-        self.log = log or Log()
-
-    def getsockname(self):
-        return self.sock.getsockname()
-
-    def fileno(self):
-        return self.sock.fileno()
+from test_guard import Listener, Log
 
 
 @pytest.fixture

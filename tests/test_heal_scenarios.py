@@ -18,6 +18,7 @@ import pytest
 
 from safe_gthread.check import load as _load, procs as _procs
 from safe_gthread.check.runner import Gunicorn
+from test_scenarios import identity, pid_gone as _gone, stop
 from versions import STOCK_WORKERS_UNLINK
 
 #: The contract (DESIGN.md invariant 7): the path serves again within 1 s.
@@ -81,14 +82,6 @@ class Probe(threading.Thread):
         return sum(1 for when, ok in self.records if ok and when > moment)
 
 
-def identity(path):
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    return (stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino)
-
-
 def backups(server):
     return sorted(name for name in os.listdir(server.directory) if name.endswith(".sg-backup"))
 
@@ -102,11 +95,6 @@ def listing(server):
 def warnings(server, phrase):
     return [line for line in server.errorlog().splitlines()
             if "[WARNING]" in line and phrase in line]
-
-
-def stop(server):
-    server.signal(signal.SIGTERM)
-    return server.wait_exit()
 
 
 def still_missing(server, seconds=1.5):
@@ -316,14 +304,6 @@ def _new_master(server):
     server.wait_for(lambda: len(_LISTENING.findall(server.errorlog())) >= 2, 30,
                     "the new master")
     return int(_LISTENING.findall(server.errorlog())[-1])
-
-
-def _gone(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.parametrize("target", ["stock", "safe"])
