@@ -16,6 +16,8 @@ from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 from gunicorn.workers import gthread
 
+from . import _heal
+
 GUNICORN_VERSION = gunicorn.__version__
 PYTHON_VERSION = platform.python_version()
 
@@ -148,6 +150,8 @@ def protections():
         active.append("workers never unlink the socket")
     active.append("the arbiter unlinks only the socket it bound")
     active.append("nothing but a dead socket is replaced at bind")
+    if _heal.enabled():
+        active.append("a removed socket path is linked back to the listener")
     if GTHREAD_GENERATION in ("legacy", "method-queue"):
         active.append("retiring workers finish kept-alive connections")
     active.append("successor boots while its predecessor drains")

@@ -62,7 +62,7 @@ OWNER_ATTR = "_safe_gthread_owner"
 ENV_SOCKETS = "SAFE_GTHREAD_SOCKETS"
 #: Set to 1 to take over a path a live server listens on (a deliberate hand-over).
 ENV_REPLACE_LIVE = "SAFE_GTHREAD_REPLACE_LIVE"
-#: Attribute on a listener: its ``_heal.Healer`` in the owning arbiter (False: never).
+#: Attribute on a listener: its ``_heal.Healer`` in the owning arbiter.
 HEALER_ATTR = "_safe_gthread_healer"
 #: Attribute on a listener built from an inherited fd: "fd" (USR2) or "systemd".
 INHERITED_ATTR = "_safe_gthread_inherited"
@@ -270,7 +270,7 @@ def _unlink_if_owned(listener, path, pid=None):
     pid = os.getpid() if pid is None else pid
     allowed, reason = unlink_decision(owner, path, pid)
     if owner is not None and owner[0] == pid:
-        _release(listener)
+        _release(listener, pid)
     if allowed:
         try:
             os.unlink(path)
@@ -351,7 +351,7 @@ def warn_if_everyone_may_connect(path, log):
 def _track(listener, name, owner):
     """In the owning arbiter: back the socket file up and check it from now on."""
     if _attr(listener, HEALER_ATTR) is not None:
-        return _attr(listener, HEALER_ATTR) or None
+        return _attr(listener, HEALER_ATTR)
     conf = _attr(listener, "conf")
     if not _heal.enabled() or getattr(conf, "reuse_port", False):
         return None  # reuse_port: gunicorn never unlinks, each worker may bind its own

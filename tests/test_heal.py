@@ -468,3 +468,68 @@ def test_the_arbiter_wait_is_detected():
     from safe_gthread import _compat
     from versions import GUNICORN
     assert _compat.ARBITER_WAIT == ("wait_for_signals" if GUNICORN >= (24,) else "sleep")
+
+
+# -- adoption in the arbiter's check -------------------------------------------------------
+
+@pytest.fixture
+def fresh_guard_state(monkeypatch):
+    monkeypatch.setattr(guard, "_healers", [])
+    yield guard._healers
+    guard._release_all()
+
+
+def test_the_check_adopts_a_listener_bound_before_the_guard(tmp_path, sockets,
+                                                            fresh_guard_state):
+    path = str(tmp_path / "s.sock")
+    sock = sockets(path)
+    if _unixdiag.bound_file(sock.fileno()) is None:
+        pytest.skip("netlink unix_diag is not available on this kernel")
+    arbiter = FakeArbiter([Listener(sock)])
+    try:
+        guard._check_paths(arbiter)
+        owner = vars(arbiter.LISTENERS[0])[guard.OWNER_ATTR]
+        assert owner == (os.getpid(),) + ident(path)
+        assert os.path.exists(_heal.backup_path(path, os.getpid()))
+        assert any("Adopted unix:%s" % path in line for _, line in arbiter.log.lines)
+        os.unlink(path)
+        guard._check_paths(arbiter)  # restored
+        assert ident(path) == owner[1:]
+        guard._release_all()
+        assert sorted(os.listdir(str(tmp_path))) == ["s.sock"]
+    finally:
+        arbiter.close()
+
+
+def test_the_check_never_adopts_another_servers_path(tmp_path, sockets, fresh_guard_state):
+    path = str(tmp_path / "s.sock")
+    sock = sockets(path)
+    os.unlink(path)
+    sockets(path)  # another server took the path over
+    arbiter = FakeArbiter([Listener(sock)])
+    try:
+        guard._check_paths(arbiter)
+        guard._check_paths(arbiter)
+        assert vars(arbiter.LISTENERS[0]).get(guard.OWNER_ATTR) is None
+        assert len(arbiter.log.warnings()) == 1 and "Not adopting" in arbiter.log.warnings()[0]
+        assert sorted(os.listdir(str(tmp_path))) == ["s.sock"]
+    finally:
+        arbiter.close()
+
+
+def test_systemd_and_tcp_listeners_are_never_adopted(tmp_path, sockets, fresh_guard_state):
+    path = str(tmp_path / "s.sock")
+    unix = Listener(sockets(path))
+    tcp = Listener(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    tcp.sock.bind(("127.0.0.1", 0))
+    arbiter = FakeArbiter([unix, tcp])
+    arbiter.systemd = True
+    try:
+        guard._check_paths(arbiter)
+        assert vars(unix).get(guard.OWNER_ATTR) is None
+        assert vars(tcp).get(guard.OWNER_ATTR) is None
+        assert arbiter.log.lines == []
+        assert sorted(os.listdir(str(tmp_path))) == ["s.sock"]
+    finally:
+        tcp.sock.close()
+        arbiter.close()
