@@ -485,8 +485,8 @@ def _rebind(arbiter, listener, healer):
     setattr(listener, OWNER_ATTR, None)
     gunicorn_sock.BaseSocket.close(listener)  # our copy; never unlinks the new path
     arbiter.log.warning("unix:%s and its backup link were both removed; bound a new socket "
-                        "there and started %d new workers on it; the old ones retire as on "
-                        "a reload.", path, arbiter.num_workers)
+                        "there and moved the workers onto it (%d started on it; the old "
+                        "ones retire as on a reload).", path, arbiter.num_workers)
     for _ in range(arbiter.num_workers):
         arbiter.spawn_worker()
     return True
