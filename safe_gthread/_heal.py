@@ -81,6 +81,58 @@ def set_enabled(value):
     _configured["heal"] = None if value is None else bool(value)
 
 
+# -- waking up when a name is removed -------------------------------------------------------
+
+_IN_MOVED_FROM = 0x00000040
+_IN_DELETE = 0x00000200
+
+
+class Watcher(object):
+    """An inotify descriptor (Linux, through ctypes) that becomes readable when a name is
+    removed from, or renamed out of, a watched directory: the arbiter's wait selects on
+    it, so an ``rm`` or a stock worker's unlink is noticed at once instead of at the next
+    0.2 s check or the worker's exit. Where inotify is not available ``fd`` stays None
+    and the periodic check is all there is."""
+
+    def __init__(self):
+        self.fd = None
+        self.directories = set()
+        self._libc = None
+
+    def add(self, directory):
+        if directory in self.directories:
+            return
+        try:
+            if self.fd is None:
+                import ctypes  # only where the arbiter heals a path
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+                if fd < 0:
+                    return
+                self._libc, self.fd = libc, fd
+            if self._libc.inotify_add_watch(self.fd, os.fsencode(directory),
+                                            _IN_DELETE | _IN_MOVED_FROM) >= 0:
+                self.directories.add(directory)
+        except (OSError, AttributeError, ValueError, TypeError):
+            return
+
+    def drain(self):
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except (OSError, TypeError):
+            pass  # EAGAIN: nothing left
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = None
+        self.directories.clear()
+
+
 # -- the backup link -----------------------------------------------------------------------
 
 def backup_path(path, pid):

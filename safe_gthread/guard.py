@@ -74,6 +74,7 @@ PROBE_TIMEOUT = 1.0
 _lock = threading.Lock()
 _installed = []  # the (namespace, name) pairs this install() wrapped
 _healers = []  # the _heal.Healer of every path this arbiter owns
+_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when a name is removed
 _said = set()  # keys of one-time log lines
 #: The registry key of the guard's layers (see ``_patch``).
 PATCH_KEY = "safe_gthread.guard"
@@ -359,6 +360,8 @@ def _track(listener, name, owner):
     healer.start()
     setattr(listener, HEALER_ATTR, healer)
     _healers.append(healer)
+    if _compat.ARBITER_WAIT == "sleep":  # >= 24 waits on a queue, not on descriptors
+        _watcher.add(os.path.dirname(name) or ".")
     return healer
 
 
@@ -378,6 +381,8 @@ def _release_all():
     for healer in list(_healers):
         if healer.pid == pid:
             _release(healer.listener, pid)
+    if not _healers:
+        _watcher.close()
 
 
 def _say_once(log, key, msg, *args):
@@ -593,8 +598,9 @@ def _manage_workers(original, self, *args, **kwargs):
 
 def _sleep(original, self, *args, **kwargs):
     # gunicorn <= 23: ``select`` on the self-pipe for 1 s. Wait the same second in slices
-    # and check the paths between them; a readable pipe (a signal, a worker's exit) goes
-    # to the original at once, which drains it: no wakeup is ever swallowed or delayed.
+    # and check the paths between them, and at once when a name is removed from their
+    # directory (inotify); a readable pipe (a signal, a worker's exit) goes to the
+    # original at once, which drains it: no wakeup is ever swallowed or delayed.
     pipe = getattr(self, "PIPE", None)
     if not _healers or not pipe:
         return original(self, *args, **kwargs)
@@ -603,16 +609,20 @@ def _sleep(original, self, *args, **kwargs):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
+        watched = [_watcher.fd] if _watcher.fd is not None else []
         try:
-            ready = select.select([pipe[0]], [], [], min(_heal.INTERVAL, remaining))[0]
+            ready = select.select([pipe[0]] + watched, [], [],
+                                  min(_heal.INTERVAL, remaining))[0]
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EINTR):
                 return None
             raise
         except KeyboardInterrupt:
             sys.exit()
-        if ready:
+        if pipe[0] in ready:
             return original(self, *args, **kwargs)
+        if ready:
+            _watcher.drain()
         _tick(self)
 
 

@@ -533,3 +533,39 @@ def test_systemd_and_tcp_listeners_are_never_adopted(tmp_path, sockets, fresh_gu
     finally:
         tcp.sock.close()
         arbiter.close()
+
+
+def test_the_watcher_wakes_on_a_removal(tmp_path):
+    watcher = _heal.Watcher()
+    try:
+        watcher.add(str(tmp_path))
+        if watcher.fd is None:
+            pytest.skip("inotify is not available here")
+        open(str(tmp_path / "f"), "w").close()
+        assert select.select([watcher.fd], [], [], 0)[0] == []  # creating: no wakeup
+        os.unlink(str(tmp_path / "f"))
+        assert select.select([watcher.fd], [], [], 2)[0] == [watcher.fd]
+        watcher.drain()
+        assert select.select([watcher.fd], [], [], 0)[0] == []
+    finally:
+        watcher.close()
+    assert watcher.fd is None
+
+
+def test_sleep_wakes_on_a_removal_and_checks(ticking, tmp_path, monkeypatch):
+    watcher = _heal.Watcher()
+    watcher.add(str(tmp_path))
+    if watcher.fd is None:
+        pytest.skip("inotify is not available here")
+    monkeypatch.setattr(guard, "_watcher", watcher)
+    monkeypatch.setattr(_heal, "INTERVAL", 0.9)  # without the wakeup: one check at 0.9 s
+    arbiter = FakeArbiter()
+    try:
+        open(str(tmp_path / "f"), "w").close()
+        os.unlink(str(tmp_path / "f"))
+        started = time.monotonic()
+        guard._sleep(lambda self: None, arbiter)
+        assert ticking and ticking[0] - started < 0.9  # at once, not a slice later
+    finally:
+        watcher.close()
+        arbiter.close()
