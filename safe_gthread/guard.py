@@ -28,8 +28,9 @@ gunicorn loads it), then
 * abstract names (``unix:\\0name``) are bound without ``stat``, ``chown`` or ``unlink``.
 * **heal** (``_heal``): while the arbiter runs, a removed path is linked back to the same
   listening socket from a backup hard link (or, with the backup gone too, a fresh socket
-  is bound and the workers roll onto it); checked in the arbiter's loop every 0.2 s and
-  whenever a worker exits. Listeners bound before the guard existed (a HUP from the stock
+  is bound and the workers roll onto it); checked in the arbiter's loop every 0.2 s,
+  whenever a worker exits and, on gunicorn <= 23, as soon as a name is removed from the
+  socket's directory (inotify). Listeners bound before the guard existed (a HUP from the stock
   worker) or inherited without an identity (USR2 from a stock master) are adopted when
   the kernel (``_unixdiag``) proves that the path names the very socket they are.
 * **who may connect**: one WARNING at boot if every local user can connect.
