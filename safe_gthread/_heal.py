@@ -100,8 +100,8 @@ class Watcher(object):
         self._libc = None
 
     def add(self, directory):
-        if directory in self.directories:
-            return
+        # Adding a watched directory again only returns its watch: no set lookup, so a
+        # directory removed and made again (its old watch is gone) is watched anew.
         try:
             if self.fd is None:
                 import ctypes  # only where the arbiter heals a path
