@@ -36,6 +36,7 @@ import errno
 import os
 import re
 import stat
+import time
 
 #: Environment variable: ``0`` turns healing off (no backup link, no checks).
 ENV_HEAL = "SAFE_GTHREAD_HEAL"
@@ -199,6 +200,27 @@ def remove_stale(path, log, alive=_alive):
     return removed
 
 
+def remove_links_to(path, ident, log):
+    """A deliberate takeover (``SAFE_GTHREAD_REPLACE_LIVE=1``): remove the backups of
+    ``path`` that link to the socket ``ident`` being replaced, so the server giving the
+    path up cannot link its socket back over the new one. Only our exact names for this
+    path, only sockets, only that inode."""
+    directory = os.path.dirname(path) or "."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if backup_pid(path, name) is None:
+            continue
+        backup = os.path.join(directory, name)
+        if _is_socket(backup, ident) and remove_backup(backup, ident):
+            removed.append(backup)
+            log.info("Removed %s, the backup link of the socket being taken over.", backup)
+    return removed
+
+
 def make_backup(path, ident, pid):
     """Hard-link the socket file ``path`` (which must still be ``ident``) to its backup
     name; return the backup path. Raises OSError (with a readable ``strerror``)."""
@@ -289,6 +311,7 @@ class Healer(object):
         self.log = log
         self.backup = None
         self._said = set()  # keys of WARNING lines already logged
+        self._missing_since = None  # when the path was first seen missing with no backup
 
     def say_once(self, key, msg, *args):
         if key in self._said:
@@ -317,18 +340,30 @@ class Healer(object):
     def backup_ok(self):
         return self.backup is not None and _is_socket(self.backup, self.ident)
 
-    def check(self):
+    def check(self, now=None):
         """Look at the path once; restore it if it is missing and we can.
 
         Returns the plan's action (``REBIND`` is left to the caller, which owns the
-        arbiter), after doing ``RESTORE`` and saying ``LEAVE``.
+        arbiter), after doing ``RESTORE`` and saying ``LEAVE``. ``REBIND`` comes only
+        once the path has been missing, with no backup, for ``INTERVAL`` seconds: a
+        deliberate takeover (another server removing the path and its backups, then
+        binding) is done by then, and its socket is left alone.
         """
         state, detail = assess(self.path, self.ident)
+        if state != MISSING:
+            self._missing_since = None
         if state == OURS:
             if self._said:
                 self._said.clear()  # a later loss is news again
             return NOTHING
         action = plan(state, state == MISSING and self.backup_ok())
+        if action == REBIND:
+            now = time.monotonic() if now is None else now
+            if self._missing_since is None:
+                self._missing_since = now
+            if now - self._missing_since < INTERVAL:
+                return NOTHING
+            self._missing_since = None
         if action == RESTORE:
             try:
                 os.link(self.backup, self.path, follow_symlinks=False)

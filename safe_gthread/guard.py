@@ -199,6 +199,8 @@ def check_path(path, log, environ=os.environ):
     if environ.get(ENV_REPLACE_LIVE) == "1":
         log.warning("Taking over unix:%s from a live listener (%s): %s=1 is set.",
                     path, holder, ENV_REPLACE_LIVE)
+        # Its backup links go first, or a healing server links its socket back over ours.
+        _heal.remove_links_to(path, (st.st_dev, st.st_ino), log)
         return
     raise Refused("Connection in use: unix:%s is served by a live listener (%s); not "
                   "replacing it. Stop that server first, or set %s=1 to take the path "

@@ -309,8 +309,38 @@ def test_backup_gone_too_asks_for_a_rebind(tmp_path, sockets):
     healer.start()
     os.unlink(healer.backup)
     os.unlink(path)
-    assert healer.check() == _heal.REBIND
+    # Not at once: a deliberate takeover gets INTERVAL seconds to bind its own socket.
+    assert healer.check(now=100.0) == _heal.NOTHING
+    assert healer.check(now=100.0 + _heal.INTERVAL / 2) == _heal.NOTHING
+    assert healer.check(now=100.0 + _heal.INTERVAL) == _heal.REBIND
     assert not os.path.lexists(path)
+
+
+def test_a_takeover_after_the_backup_went_is_left_alone(tmp_path, sockets):
+    path = str(tmp_path / "s.sock")
+    sock = sockets(path)
+    log = Log()
+    healer = healer_for(path, sock, log)
+    healer.start()
+    assert _heal.remove_links_to(path, ident(path), Log()) == [healer.backup]
+    os.unlink(path)
+    assert healer.check(now=100.0) == _heal.NOTHING
+    sockets(path)  # the new owner binds
+    assert healer.check(now=101.0) == _heal.LEAVE
+    assert len(log.warnings()) == 1 and "never replaced" in log.warnings()[0]
+
+
+def test_remove_links_to_only_that_socket(tmp_path, sockets):
+    path = str(tmp_path / "s.sock")
+    sockets(path)
+    mine = _heal.backup_path(path, 999991)
+    os.link(path, mine)
+    other = str(tmp_path / "o.sock")
+    sockets(other)
+    theirs = _heal.backup_path(path, 999992)
+    os.link(other, theirs)  # our name, another inode
+    assert _heal.remove_links_to(path, ident(path), Log()) == [mine]
+    assert os.path.lexists(theirs)
 
 
 def test_a_replaced_backup_is_never_linked_back(tmp_path, sockets):
@@ -321,7 +351,8 @@ def test_a_replaced_backup_is_never_linked_back(tmp_path, sockets):
     os.unlink(healer.backup)
     sockets(healer.backup)  # someone else's socket under our backup's name
     os.unlink(path)
-    assert healer.check() == _heal.REBIND
+    healer.check(now=100.0)
+    assert healer.check(now=101.0) == _heal.REBIND
     healer.release()  # leaves that socket alone: it is not ours
     assert stat.S_ISSOCK(os.lstat(_heal.backup_path(path, os.getpid())).st_mode)
 
