@@ -127,6 +127,13 @@ REUSE_PORT_BINDS_IN_WORKERS = (
 CREATE_SOCKETS_TAKES_FDS = "fds" in (
     _parameters(getattr(gunicorn_sock, "create_sockets", None)) or [])
 
+#: How the arbiter's main loop waits between two rounds of ``manage_workers``: gunicorn
+#: <= 23 ``sleep()`` (a 1 s ``select`` on its self-pipe, woken by signals), gunicorn >= 24
+#: ``wait_for_signals(timeout=1.0)`` (a signal queue). None: neither (the socket healing
+#: then checks only when the loop comes round on its own).
+ARBITER_WAIT = ("wait_for_signals" if hasattr(gunicorn_arbiter.Arbiter, "wait_for_signals")
+                else "sleep" if hasattr(gunicorn_arbiter.Arbiter, "sleep") else None)
+
 #: The status gunicorn's arbiter takes for "Worker failed to boot." (it then halts).
 WORKER_BOOT_ERROR = getattr(gunicorn_arbiter.Arbiter, "WORKER_BOOT_ERROR", 3)
 
@@ -201,6 +208,9 @@ def protections():
         active.append("workers never unlink the socket")
     active.append("the arbiter unlinks only the socket it bound")
     active.append("nothing but a dead socket is replaced at bind")
+    from . import _heal  # not at import: this module is the leaf every other one reads
+    if _heal.enabled():
+        active.append("a removed socket path is linked back to the listener")
     if GTHREAD_GENERATION in ("legacy", "method-queue"):
         active.append("retiring workers finish kept-alive connections")
     active.append("successor boots while its predecessor drains")

@@ -26,21 +26,34 @@ gunicorn loads it), then
 * **re-exec** (USR2): the identity travels to the new master in ``SAFE_GTHREAD_SOCKETS``
   beside gunicorn's ``GUNICORN_FD``, so the new master cleans up at its own stop.
 * abstract names (``unix:\\0name``) are bound without ``stat``, ``chown`` or ``unlink``.
+* **heal** (``_heal``): while the arbiter runs, a removed path is linked back to the same
+  listening socket from a backup hard link (or, with the backup gone too, a fresh socket
+  is bound and the workers roll onto it); checked in the arbiter's loop every 0.2 s,
+  whenever a worker exits and, on gunicorn <= 23, as soon as a name is removed from the
+  socket's directory (inotify). Listeners bound before the guard existed (a HUP from the stock
+  worker) or inherited without an identity (USR2 from a stock master) are adopted when
+  the kernel (``_unixdiag``) proves that the path names the very socket they are.
+* **who may connect**: one WARNING at boot if every local user can connect.
 
-The request path is untouched: only binding, closing listeners and re-exec are wrapped.
+The request path is untouched: only binding, closing listeners, re-exec and the arbiter's
+loop (``manage_workers``, its wait, ``stop``) are wrapped.
 """
 import errno
 import json
+import logging
 import os
+import select
 import socket
 import stat
 import struct
+import sys
 import threading
+import time
 
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 
-from . import _compat, _patch
+from . import _compat, _heal, _patch, _unixdiag
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -50,11 +63,20 @@ OWNER_ATTR = "_safe_gthread_owner"
 ENV_SOCKETS = "SAFE_GTHREAD_SOCKETS"
 #: Set to 1 to take over a path a live server listens on (a deliberate hand-over).
 ENV_REPLACE_LIVE = "SAFE_GTHREAD_REPLACE_LIVE"
+#: Attribute on a listener: its ``_heal.Healer`` in the owning arbiter.
+HEALER_ATTR = "_safe_gthread_healer"
+#: Attribute on a listener built from an inherited fd: "fd" (USR2) or "systemd".
+INHERITED_ATTR = "_safe_gthread_inherited"
+#: Attribute on a listener: adoption was already considered.
+ADOPT_ATTR = "_safe_gthread_adopt_tried"
 #: How long the start probe waits for a listener to accept.
 PROBE_TIMEOUT = 1.0
 
 _lock = threading.Lock()
 _installed = []  # the (namespace, name) pairs this install() wrapped
+_healers = []  # the _heal.Healer of every path this arbiter owns
+_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when a name is removed
+_said = set()  # keys of one-time log lines
 #: The registry key of the guard's layers (see ``_patch``).
 PATCH_KEY = "safe_gthread.guard"
 
@@ -177,6 +199,8 @@ def check_path(path, log, environ=os.environ):
     if environ.get(ENV_REPLACE_LIVE) == "1":
         log.warning("Taking over unix:%s from a live listener (%s): %s=1 is set.",
                     path, holder, ENV_REPLACE_LIVE)
+        # Its backup links go first, or a healing server links its socket back over ours.
+        _heal.remove_links_to(path, (st.st_dev, st.st_ino), log)
         return
     raise Refused("Connection in use: unix:%s is served by a live listener (%s); not "
                   "replacing it. Stop that server first, or set %s=1 to take the path "
@@ -234,8 +258,10 @@ def _record_owner(listener, name, pid=None):
     except OSError:
         return
     if stat.S_ISSOCK(st.st_mode):
-        setattr(listener, OWNER_ATTR, (os.getpid() if pid is None else pid,
-                                       st.st_dev, st.st_ino))
+        owner = (os.getpid() if pid is None else pid, st.st_dev, st.st_ino)
+        setattr(listener, OWNER_ATTR, owner)
+        return owner
+    return None
 
 
 def _attr(listener, name):
@@ -248,6 +274,8 @@ def _unlink_if_owned(listener, path, pid=None):
     owner = _attr(listener, OWNER_ATTR)
     pid = os.getpid() if pid is None else pid
     allowed, reason = unlink_decision(owner, path, pid)
+    if owner is not None and owner[0] == pid:
+        _release(listener, pid)
     if allowed:
         try:
             os.unlink(path)
@@ -274,9 +302,11 @@ def _adopt(listener, environ=os.environ, pid=None):
         return
     if name in handed:
         pid = os.getpid() if pid is None else pid
-        _record_owner(listener, name, pid)
-        if _attr(listener, OWNER_ATTR) != (pid,) + tuple(handed[name]):
+        owner = _record_owner(listener, name, pid)
+        if owner != (pid,) + tuple(handed[name]):
             setattr(listener, OWNER_ATTR, None)  # not the file that was handed over
+        elif pid == os.getpid():
+            _track(listener, name, owner)  # our own backup; the old master drops its own
 
 
 def _handover(listeners, pid=None):
@@ -290,24 +320,221 @@ def _handover(listeners, pid=None):
     return json.dumps(owned) if owned else None
 
 
+# -- who may connect -----------------------------------------------------------------------
+
+def everyone_may_connect(path, stat_=os.stat, lstat=os.lstat):
+    """True if every local user can connect to the socket file ``path``: others may write
+    to it and search every directory above it (connect needs both)."""
+    try:
+        if not lstat(path).st_mode & stat.S_IWOTH:
+            return False
+        directory = os.path.dirname(os.path.abspath(path))
+        while True:
+            if not stat_(directory).st_mode & stat.S_IXOTH:
+                return False
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                return True
+            directory = parent
+    except OSError:
+        return False
+
+
+def warn_if_everyone_may_connect(path, log):
+    if path in _said or not everyone_may_connect(path):
+        return
+    _said.add(path)
+    log.warning("unix:%s can be reached by every local user (socket mode %03o, and every "
+                "directory above it lets others through): any local account can send "
+                "requests to the app, past the proxy. Set umask = 0o007 in the gunicorn "
+                "config and add the proxy's user to gunicorn's group, or bind in a "
+                "directory only gunicorn and the proxy can reach.",
+                path, stat.S_IMODE(os.lstat(path).st_mode))
+
+
+# -- healing: backups, adoption, the arbiter's check ---------------------------------------
+
+def _track(listener, name, owner):
+    """In the owning arbiter: back the socket file up and check it from now on."""
+    if _attr(listener, HEALER_ATTR) is not None:
+        return _attr(listener, HEALER_ATTR)
+    conf = _attr(listener, "conf")
+    if not _heal.enabled() or getattr(conf, "reuse_port", False):
+        return None  # reuse_port: gunicorn never unlinks, each worker may bind its own
+    healer = _heal.Healer(listener, name, owner, listener.log)
+    healer.start()
+    setattr(listener, HEALER_ATTR, healer)
+    _healers.append(healer)
+    if _compat.ARBITER_WAIT == "sleep":  # >= 24 waits on a queue, not on descriptors
+        _watcher.add(os.path.dirname(name) or ".")
+    return healer
+
+
+def _release(listener, pid=None):
+    """Drop the backup of ``listener`` if this process made it."""
+    healer = _attr(listener, HEALER_ATTR)
+    if not healer or healer.pid != (os.getpid() if pid is None else pid):
+        return
+    healer.release()
+    setattr(listener, HEALER_ATTR, None)
+    if healer in _healers:
+        _healers.remove(healer)
+
+
+def _release_all():
+    pid = os.getpid()
+    for healer in list(_healers):
+        if healer.pid == pid:
+            _release(healer.listener, pid)
+    if not _healers:
+        _watcher.close()
+
+
+def _say_once(log, key, msg, *args):
+    if key not in _said:
+        _said.add(key)
+        log.warning(msg, *args)
+
+
+def adoption_decision(bound, st):
+    """May an arbiter own the path whose ``lstat`` is ``st`` (None: missing), for a
+    listener the kernel says is bound to the file ``bound`` (None: cannot tell)?
+    Return ``(bool, reason)``."""
+    if bound is None:
+        return False, ("the kernel cannot tell which file the listener is bound to "
+                       "(netlink unix_diag unavailable)")
+    if st is None:
+        return False, "the path is already gone"
+    if not stat.S_ISSOCK(st.st_mode) or not _unixdiag.same_file(bound, st):
+        return False, "the path names another file than the socket this master listens on"
+    return True, ""
+
+
+def _maybe_adopt(listener, log, pid, systemd=False, reuse_port=False):
+    """A listener with no recorded owner: bound before the guard existed (a HUP from the
+    stock worker) or inherited without an identity (USR2 from a stock master). Own its
+    path only if the kernel proves the path names this very socket."""
+    if _attr(listener, ADOPT_ATTR):
+        return
+    setattr(listener, ADOPT_ATTR, True)
+    if systemd or _attr(listener, INHERITED_ATTR) == "systemd" or reuse_port:
+        return  # systemd owns those paths; with reuse_port gunicorn never unlinks
+    try:
+        name = listener.getsockname()
+        fd = listener.fileno()
+    except (OSError, AttributeError):
+        return
+    if not is_filesystem_path(name):
+        return
+    try:
+        st = os.lstat(name)
+    except OSError:
+        st = None
+    allowed, reason = adoption_decision(_unixdiag.bound_file(fd), st)
+    if not allowed:
+        log.warning("Not adopting unix:%s (bound before safe-gthread was loaded): %s. It "
+                    "is not restored if removed, nor removed at stop; a stop and start "
+                    "makes it this server's own.", name, reason)
+        return
+    owner = (pid, st.st_dev, st.st_ino)
+    setattr(listener, OWNER_ATTR, owner)
+    log.info("Adopted unix:%s (bound before safe-gthread was loaded): restored if "
+             "removed, removed at this master's stop.", name)
+    _track(listener, name, owner)
+
+
+def _tick(arbiter):
+    """The arbiter's check, never an exception in its loop."""
+    try:
+        _check_paths(arbiter)
+    except Exception as exc:  # the arbiter must keep running whatever happens here
+        _say_once(arbiter.log, ("tick", type(exc)), "safe-gthread: the socket path check "
+                  "failed (%s: %s); the server keeps running.", type(exc).__name__, exc)
+
+
+def _check_paths(arbiter):
+    if not _heal.enabled():
+        _release_all()
+        return
+    pid = os.getpid()
+    listeners = list(getattr(arbiter, "LISTENERS", ()) or ())
+    for listener in listeners:
+        owner = _attr(listener, OWNER_ATTR)
+        if owner is None:
+            _maybe_adopt(listener, arbiter.log, pid, getattr(arbiter, "systemd", False),
+                         getattr(getattr(arbiter, "cfg", None), "reuse_port", False))
+            continue
+        if owner[0] != pid:
+            continue
+        healer = _attr(listener, HEALER_ATTR)
+        if healer is None:  # healing was turned back on (HUP)
+            healer = _track(listener, listener.getsockname(), owner)
+        if healer and healer.check() == _heal.REBIND:
+            _rebind(arbiter, listener, healer)
+    for healer in list(_healers):  # a reload to another address dropped these
+        if healer.pid == pid and not any(healer.listener is l for l in listeners):
+            _release(healer.listener, pid)
+
+
+def _rebind(arbiter, listener, healer):
+    """The path and its backup are both gone: bind a fresh socket at the path, hand it to
+    newly spawned workers and let gunicorn's manage_workers TERM the old ones, as its
+    own reload does (they finish what they accepted; nothing reaches their listener by
+    path any more)."""
+    path = healer.path
+    fresh = gunicorn_sock.UnixSocket.__new__(gunicorn_sock.UnixSocket)
+    try:
+        _open(_patch.original(gunicorn_sock.UnixSocket, "__init__", key=PATCH_KEY),
+              fresh, path, arbiter.cfg, arbiter.log)
+    except Refused as refused:
+        healer.say_once(("rebind", str(refused)), "unix:%s and its backup link were both "
+                        "removed; binding a new socket there failed: %s", path, refused)
+        return False
+    arbiter.LISTENERS = [fresh if l is listener else l for l in arbiter.LISTENERS]
+    _release(listener)
+    setattr(listener, OWNER_ATTR, None)
+    gunicorn_sock.BaseSocket.close(listener)  # our copy; never unlinks the new path
+    arbiter.log.warning("unix:%s and its backup link were both removed; bound a new socket "
+                        "there and moved the workers onto it (%d started on it; the old "
+                        "ones retire as on a reload).", path, arbiter.num_workers)
+    for _ in range(arbiter.num_workers):
+        arbiter.spawn_worker()
+    return True
+
+
 # -- the wrappers installed into gunicorn ------------------------------------------------
+
+def _open(original, self, addr, conf, log, **kwargs):
+    """Check, then bind ``addr`` for the listener ``self``; raise ``Refused``."""
+    _check_reuse_port(addr, conf)
+    if is_filesystem_path(addr):
+        check_path(addr, log)
+    try:
+        if is_filesystem_path(addr):
+            original(self, addr, conf, log, **kwargs)
+        else:  # abstract: nothing to stat or remove
+            gunicorn_sock.BaseSocket.__init__(self, addr, conf, log, **kwargs)
+    except OSError as exc:
+        raise Refused(_bind_failure(addr, exc))
+
 
 def _init(original, self, addr, conf, log, fd=None, **kwargs):
     if fd is not None:  # GUNICORN_FD (USR2) or systemd: already bound, never probed
         original(self, addr, conf, log, fd=fd, **kwargs)
+        # gunicorn 19.6.0 still has systemd's LISTEN_PID here (later ones record it in
+        # ``Arbiter.systemd``): systemd's sockets are never adopted.
+        systemd = os.environ.get("LISTEN_PID") == str(os.getpid())
+        setattr(self, INHERITED_ATTR, "systemd" if systemd else "fd")
         _adopt(self)
+        if not systemd and "GUNICORN_PID" in os.environ and _attr(self, OWNER_ATTR) is None:
+            # USR2 from a master that handed over no identity (the stock worker's): at
+            # once, before the old master's workers can unlink the path on their way out.
+            # (Sockets from systemd come without GUNICORN_PID, but for a USR2 under
+            # socket activation; gunicorn >= 19.7 then never unlinks them anyway.)
+            _maybe_adopt(self, log, os.getpid(), reuse_port=getattr(conf, "reuse_port", False))
         return
     try:
-        _check_reuse_port(addr, conf)
-        if is_filesystem_path(addr):
-            check_path(addr, log)
-        try:
-            if is_filesystem_path(addr):
-                original(self, addr, conf, log, **kwargs)
-            else:  # abstract: nothing to stat or remove
-                gunicorn_sock.BaseSocket.__init__(self, addr, conf, log, **kwargs)
-        except OSError as exc:
-            raise Refused(_bind_failure(addr, exc))
+        _open(original, self, addr, conf, log, **kwargs)
     except Refused as refused:
         log.error("%s", refused)
         raise SystemExit(_exit_status(conf))
@@ -318,7 +545,11 @@ def _bind(original, self, sock, *args, **kwargs):
         sock.bind(self.cfg_addr)  # abstract: no file to chown
         return
     original(self, sock, *args, **kwargs)
-    _record_owner(self, sock.getsockname())
+    name = sock.getsockname()
+    owner = _record_owner(self, name)
+    if owner is not None:
+        warn_if_everyone_may_connect(name, self.log)
+        _track(self, name, owner)
 
 
 def _close(original, self, *args, **kwargs):
@@ -343,6 +574,8 @@ def _close_sockets(original, listeners, unlink=True, *args, **kwargs):
                 continue  # already closed
             if is_filesystem_path(name):
                 _unlink_if_owned(listener, name)
+    for listener in listeners:
+        _release(listener)  # also when gunicorn keeps the path: a successor has its own
     original(listeners, False, *args, **kwargs)
 
 
@@ -360,6 +593,66 @@ def _reexec(original, self, *args, **kwargs):
             env[ENV_SOCKETS] = saved
 
 
+def _manage_workers(original, self, *args, **kwargs):
+    # Every round of the arbiter's loop, and inside reload() before it TERMs the old
+    # workers: on a HUP from the stock 19.6.0 worker the listeners are adopted (and
+    # backed up) here, before those workers unlink the path on their way out.
+    _tick(self)
+    return original(self, *args, **kwargs)
+
+
+def _sleep(original, self, *args, **kwargs):
+    # gunicorn <= 23: ``select`` on the self-pipe for 1 s. Wait the same second in slices
+    # and check the paths between them, and at once when a name is removed from their
+    # directory (inotify); a readable pipe (a signal, a worker's exit) goes to the
+    # original at once, which drains it: no wakeup is ever swallowed or delayed.
+    pipe = getattr(self, "PIPE", None)
+    if not _healers or not pipe:
+        return original(self, *args, **kwargs)
+    deadline = time.monotonic() + 1.0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        watched = [_watcher.fd] if _watcher.fd is not None else []
+        try:
+            ready = select.select([pipe[0]] + watched, [], [],
+                                  min(_heal.INTERVAL, remaining))[0]
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EINTR):
+                return None
+            raise
+        except KeyboardInterrupt:
+            sys.exit()
+        if pipe[0] in ready:
+            return original(self, *args, **kwargs)
+        if ready:
+            _watcher.drain()
+        _tick(self)
+
+
+def _wait_for_signals(original, self, *args, **kwargs):
+    # gunicorn >= 24 runs murder_workers and manage_workers (where the check is) after
+    # every wait; a shorter wait is the whole change. A signal still returns at once.
+    if _healers:
+        if args and args[0] is not None:
+            args = (min(args[0], _heal.INTERVAL),) + tuple(args[1:])
+        elif not args:
+            timeout = kwargs.get("timeout", 1.0)
+            if timeout is not None:
+                kwargs["timeout"] = min(timeout, _heal.INTERVAL)
+    return original(self, *args, **kwargs)
+
+
+def _stop(original, self, *args, **kwargs):
+    # Whatever gunicorn decided about the path (a USR2 successor keeps it), this master's
+    # backup links go with it: the successor made its own.
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        _release_all()
+
+
 def _targets():
     """What the guard wraps on this gunicorn: ``(namespace, name, impl)``."""
     yield gunicorn_sock.UnixSocket, "__init__", _init
@@ -369,6 +662,14 @@ def _targets():
     if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
         yield gunicorn_sock, "close_sockets", _close_sockets
     yield gunicorn_arbiter.Arbiter, "reexec", _reexec
+    yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers
+    yield gunicorn_arbiter.Arbiter, "stop", _stop
+    if _compat.ARBITER_WAIT == "sleep":
+        yield gunicorn_arbiter.Arbiter, "sleep", _sleep
+    elif _compat.ARBITER_WAIT == "wait_for_signals":
+        yield gunicorn_arbiter.Arbiter, "wait_for_signals", _wait_for_signals
+    else:
+        yield gunicorn_arbiter.Arbiter, "sleep", _sleep  # missing: named in the WARNING
 
 
 def install(log=None):
@@ -381,6 +682,11 @@ def install(log=None):
     with _lock:
         if _installed:
             return False
+        try:
+            _heal.parse_heal(os.environ.get(_heal.ENV_HEAL))
+        except ValueError as exc:
+            (log or logging.getLogger("gunicorn.error")).error("%s", exc)
+            raise SystemExit(1)
         missing = []
         for namespace, name, impl in _targets():
             if _patch.wrap(namespace, name, impl, key=PATCH_KEY):
@@ -400,6 +706,7 @@ def uninstall():
         for namespace, name in reversed(_installed):
             _patch.unwrap(namespace, name, key=PATCH_KEY)
         del _installed[:]
+        _release_all()
         return True
 
 

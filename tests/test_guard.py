@@ -29,16 +29,22 @@ class Log(object):
     def error(self, msg, *args):
         self._add("error", msg, *args)
 
+    def warnings(self):
+        return [line for level, line in self.lines if level == "warning"]
+
 
 class Listener(object):
-    """What the guard needs of a gunicorn listener: ``log`` and ``getsockname``."""
+    """What the guard needs of a gunicorn listener: ``log``, ``getsockname``, ``fileno``."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, log=None):
         self.sock = sock
-        self.log = Log()
+        self.log = log or Log()
 
     def getsockname(self):
         return self.sock.getsockname()
+
+    def fileno(self):
+        return self.sock.fileno()
 
 
 def bound(path, listen=True):
