@@ -4,8 +4,10 @@
 #
 #   gunicorn -c config.py web:app
 #
-# The only change is worker_class. Remove that line again once you run a gunicorn
-# that no longer needs it (see docs/upgrading.md); nothing else here depends on it.
+# The changes are worker_class, and umask and group (the original's umask = 0 made the
+# socket mode 0777: any local user could send requests to the app). Remove the
+# worker_class line again once you run a gunicorn that no longer needs it (see
+# docs/upgrading.md); nothing else here depends on it.
 
 bind = 'unix:/tmp/gunicorn.sock'
 backlog = 2048
@@ -26,9 +28,12 @@ spew = False
 
 daemon = False
 pidfile = None
-umask = 0
+# The socket is created mode 0770, owned by group: set group to your proxy's group
+# ("nogroup" for h2o or nginx running as nobody, as in h2o.conf and nginx.conf here;
+# "www-data" for Debian's packaged nginx). The workers run with that group too.
+umask = 0o007
 user = None
-group = None
+group = 'nogroup'
 tmp_upload_dir = None
 
 #   Logging

@@ -7,6 +7,7 @@ and runs the result. Servers run in a new session and are ended by process group
 """
 import ast
 import configparser
+import grp
 import os
 import re
 import shlex
@@ -33,7 +34,8 @@ SEED_PORT = "18080"
 APP_DIR = "/srv/app"
 
 #: The blog post's config.py, setting by setting (hooks aside): examples/config.py
-#: must keep every one of them but worker_class.
+#: must keep every one of them but worker_class, umask and group (the safe form:
+#: connectable by the proxy's group only).
 SEED_SETTINGS = {
     "bind": "unix:/tmp/gunicorn.sock", "backlog": 2048, "workers": 5, "threads": 5,
     "worker_class": "sync", "worker_connections": 1000, "timeout": 30, "keepalive": 2,
@@ -176,7 +178,8 @@ def load(address, requests=300, seconds=20.0):
 
 def test_config_py_is_the_seed_with_one_line_changed():
     settings, hooks = settings_of(read_example("config.py"))
-    expected = dict(SEED_SETTINGS, worker_class="safe_gthread.Worker")
+    expected = dict(SEED_SETTINGS, worker_class="safe_gthread.Worker", umask=0o007,
+                    group="nogroup")
     assert settings == expected
     assert hooks == SEED_HOOKS
 
@@ -206,7 +209,11 @@ def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started,
     server.start()
     assert _load.request(sock)[2] == b"Hello World"
     inode = server.inode()
-    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o777  # umask = 0, for the proxy's user
+    # umask = 0o007, group = nogroup: the proxies' group (they run as nobody) may connect,
+    # other local users may not.
+    st = os.stat(sock)
+    assert stat.S_IMODE(st.st_mode) == 0o770
+    assert grp.getgrgid(st.st_gid).gr_name == "nogroup"
 
     result = load(sock)
     if variant == "seed":
@@ -417,6 +424,7 @@ def test_systemd_socket_activation(app_dir, started):
     try:
         listener.bind(sock_path)
         os.chmod(sock_path, int(socket_unit["SocketMode"], 8))
+        os.chown(sock_path, -1, grp.getgrnam(socket_unit["SocketGroup"]).gr_gid)
         listener.listen(int(socket_unit["Backlog"]))
         inode = (os.lstat(sock_path).st_dev, os.lstat(sock_path).st_ino)
         argv = shlex.split(deployed_command(service["ExecStart"], app_dir))
