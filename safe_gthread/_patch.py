@@ -55,12 +55,13 @@ def _raw(owner, name):
 _NAMED = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def _fits(impl, function):
+def _fits(impl, function, method=False):
     """Can ``impl`` stand in front of ``function``? Every parameter ``impl`` names after
     ``original`` must be ``function``'s, at the same position: a gunicorn that renamed or
     reordered them is left alone (and named in a WARNING by the caller), rather than
     handed arguments it would misread. What ``impl`` takes as ``*args``/``**kwargs``
-    passes through unchecked; a signature that cannot be read is trusted."""
+    passes through unchecked; a signature that cannot be read is trusted. For a method
+    (``method``) the first parameter is the instance, whatever either side calls it."""
     try:
         wanted = list(inspect.signature(impl).parameters.values())[1:]
         present = list(inspect.signature(function).parameters.values())
@@ -72,7 +73,7 @@ def _fits(impl, function):
                      for p in present)
     for index, parameter in enumerate(p for p in wanted if p.kind in _NAMED):
         if index < len(positional):
-            if positional[index] != parameter.name:
+            if positional[index] != parameter.name and not (method and index == 0):
                 return False
         elif not open_ended:
             return False
@@ -99,7 +100,8 @@ def wrap(owner, name, impl, key="safe_gthread"):
         # so it binds as before (neither object is callable as stored before 3.10).
         descriptor = type(original) if isinstance(original, (staticmethod, classmethod)) else None
         function = original.__func__ if descriptor is not None else original
-        if function is None or not callable(function) or not _fits(impl, function):
+        method = isinstance(owner, type) and descriptor is not staticmethod
+        if function is None or not callable(function) or not _fits(impl, function, method):
             return False
         layer = _Layer(owner, name, key, original, inherited)
 

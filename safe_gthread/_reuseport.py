@@ -285,16 +285,24 @@ def install():
     the listeners itself (< 24)."""
     if not _compat.REUSE_PORT_BINDS_IN_WORKERS:
         return False
+    targets = [(gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers),
+               (gunicorn_arbiter.Arbiter, "spawn_worker", _spawn_worker)]
+    if _compat.CREATE_SOCKETS_TAKES_FDS:
+        targets.insert(0, (gunicorn_sock, "create_sockets", _create_sockets))
     with _lock:
-        installed = False
-        if _compat.CREATE_SOCKETS_TAKES_FDS:
-            installed |= _patch.wrap(gunicorn_sock, "create_sockets", _create_sockets,
-                                     key=PATCH_KEY)
-        installed |= _patch.wrap(gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers,
-                                 key=PATCH_KEY)
-        installed |= _patch.wrap(gunicorn_arbiter.Arbiter, "spawn_worker", _spawn_worker,
-                                 key=PATCH_KEY)
-        return installed
+        if all(_patch.is_wrapped(owner, name, key=PATCH_KEY) for owner, name, _ in targets):
+            return False
+        if not _compat.CREATE_SOCKETS_TAKES_FDS or not all(
+                _patch.wrap(owner, name, impl, key=PATCH_KEY) for owner, name, impl in targets):
+            # All or nothing: slots without the child's side would leave listeners
+            # nobody accepts on.
+            for owner, name, _ in targets:
+                _patch.unwrap(owner, name, key=PATCH_KEY)
+            _compat.warn_unrecognised("the reuse_port listener slots", [
+                "%s.%s" % (getattr(owner, "__name__", owner), name)
+                for owner, name, _ in targets])
+            return False
+        return True
 
 
 def uninstall():

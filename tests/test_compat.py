@@ -126,3 +126,24 @@ def test_probes_never_raise_on_odd_objects():
     for odd in (None, 3, object(), broken()):
         assert _compat._parameters(odd) is None
         assert _compat._names_used(odd) == frozenset()
+
+
+def test_every_patch_fits_this_gunicorn():
+    # On every supported gunicorn the worker's setup installs all its layers: a wrapper
+    # whose parameters stopped matching gunicorn's would be left out, with a WARNING
+    # that only an unknown gunicorn may log (tests/test_shapes.py).
+    import subprocess
+    import sys
+    code = "\n".join([
+        "import logging, io",
+        "stream = io.StringIO()",
+        "handler = logging.StreamHandler(stream)",
+        "logging.getLogger('gunicorn.error').addHandler(handler)",
+        "logging.getLogger('gunicorn.error').setLevel(logging.DEBUG)",
+        "import safe_gthread",
+        "safe_gthread.Worker.setup()",
+        "print(stream.getvalue())",
+    ])
+    out = subprocess.check_output([sys.executable, "-c", code], cwd="/").decode()
+    assert "not recognised" not in out, out
+    assert "safe-gthread %s on gunicorn" % safe_gthread.__version__ in out, out
