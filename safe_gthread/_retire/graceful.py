@@ -2,7 +2,7 @@
 
 This module is tied to one gunicorn generation and should never need to change.
 """
-from .. import _handoff
+from .. import _schedule
 
 
 class Retirement(object):
@@ -14,4 +14,4 @@ class Retirement(object):
             self._retirement_started()
 
     def _retirement_started(self):
-        _handoff.announce_retirement(self)
+        _schedule.stopped_accepting(self)

@@ -7,7 +7,7 @@ import time
 from concurrent import futures
 from functools import partial
 
-from .. import _compat, _handoff
+from .. import _compat, _schedule
 from ._common import RETIRE_LINGER, close_gracefully
 
 
@@ -49,7 +49,7 @@ class Retirement(object):
                 pass
         # From now on every response says "Connection: close" (handle_request's own test).
         self.max_keepalived = 0
-        _handoff.announce_retirement(self)
+        _schedule.stopped_accepting(self)
 
     def finish_request(self, fs):
         if fs.cancelled() or fs.exception() is not None:

@@ -1,0 +1,424 @@
+"""The arbiter schedules retirements: a worker that must retire keeps serving until its
+successor is ready.
+
+Stock gunicorn forks a replacement only after the old worker has exited, so a worker
+slot stays empty for the whole drain plus the successor's boot (benoitc/gunicorn#2422,
+#3199): under ``max_requests`` churn with an app that takes a second to import, that is
+40 % of the capacity. Here:
+
+1. A worker that reaches a trigger (``max_requests`` + jitter, ``max_worker_memory``,
+   ``max_worker_lifetime``; ``safe_gthread._worker``) sends a RETIRE message to a
+   datagram socket the arbiter bound, wakes the arbiter with SIGCHLD, and **keeps
+   serving**.
+2. The arbiter queues the request. While fewer than ``max_retiring`` retirements are in
+   flight, it forks a successor for the first in the queue (so worker processes stay
+   within ``workers .. workers + max_retiring``).
+3. The successor writes READY once booted (app loaded, ``post_worker_init`` run, entering
+   its loop); the arbiter then sends the old worker SIGTERM: gunicorn's graceful stop,
+   which our retirement (``safe_gthread._retire``) makes lose nothing.
+4. If no successor is ready within gunicorn's ``timeout``, the old worker retires
+   itself the stock way. A worker over ``max_worker_memory`` does not wait: it stops
+   accepting at once (LEAVING) and gets its successor as soon as a slot is free.
+
+While its successor exists, the old worker is left out of what gunicorn's own
+``manage_workers`` counts (``_Discounted``), so gunicorn neither spawns for it nor TERMs
+the oldest worker to get back to ``workers``. The view is only ever seen by the
+arbiter's main thread inside that call: ``spawn_worker`` runs with the real
+``WORKERS`` (a fork closes every sibling's heartbeat file, gunicorn >= 19.9), and other
+threads (gunicorn >= 25's control socket, ``show workers``) always see every worker.
+
+Messages carry the worker's ``age`` (gunicorn's spawn counter): a message from a pid
+reaped and reused before the arbiter read it no longer matches ``WORKERS[pid].age`` and
+is dropped. HUP, TTIN, TTOU and stops are never turned into handoffs: HUP forgets every
+pending retirement, and the workers it replaces are gunicorn's to stop.
+
+gunicorn reaps in its SIGCHLD handler up to 23.x (19.x - 23.x run ``reap_workers`` in the
+handler, which can interrupt ``manage_workers``); from 24.0 the handler only queues the
+signal for the main loop. Either way the view never pops anything: lookups, stores and
+removals reach the real dict.
+"""
+import collections
+import binascii
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import MutableMapping
+
+from gunicorn import arbiter as gunicorn_arbiter
+
+from . import _patch, _settings
+
+KEY = "safe_gthread.schedule"
+
+#: kind, reason, pid, age: 14 bytes, less than PIPE_BUF, so a write is never torn.
+_MSG = struct.Struct("=BBiq")
+RETIRE, LEAVING, READY = 1, 2, 3
+REASONS = ("", "max_requests", "max_worker_memory", "max_worker_lifetime")
+
+_log = logging.getLogger("gunicorn.error")
+_lock = threading.RLock()
+_state = {}  # "recv", "address", "sender", "scheduler", "arbiter_pid"
+_state_forks = []
+
+
+class _Retirement(object):
+    """One worker that asked to retire, in the arbiter."""
+
+    __slots__ = ("pid", "age", "reason", "leaving", "since", "successor",
+                 "successor_age", "spawned_at", "termed")
+
+    def __init__(self, pid, age, reason, leaving, now):
+        self.pid = pid
+        self.age = age
+        self.reason = reason
+        self.leaving = leaving
+        self.since = now
+        self.successor = None
+        self.successor_age = None
+        self.spawned_at = None
+        self.termed = False
+
+
+def _same(workers, pid, age):
+    """True while ``pid`` in ``workers`` is still the worker of generation ``age``."""
+    worker = workers.get(pid)
+    return worker is not None and getattr(worker, "age", None) == age
+
+
+class _Scheduler(object):
+    """The arbiter's bookkeeping. Only the arbiter's main thread calls it."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.queue = collections.OrderedDict()  # pid -> _Retirement, waiting for a slot
+        self.handoffs = {}  # old pid -> _Retirement with a successor (or leaving)
+        self.reload_age = 0  # workers of this age or older belong to a HUP: not ours
+        self.spawning_for = None
+
+    # -- messages --------------------------------------------------------------------
+    def receive(self, arbiter, messages):
+        workers = arbiter.WORKERS
+        now = self.clock()
+        for kind, reason, pid, age in messages:
+            if not _same(workers, pid, age):
+                continue  # gone, or its pid reused by a newer worker
+            if kind == READY:
+                self._successor_ready(arbiter, pid, age, now)
+                continue
+            if kind not in (RETIRE, LEAVING) or age <= self.reload_age:
+                continue
+            leaving = kind == LEAVING
+            rec = self.handoffs.get(pid) or self.queue.get(pid)
+            if rec is None:
+                rec = _Retirement(pid, age, REASONS[reason] if reason < len(REASONS) else "?",
+                                  leaving, now)
+                self.queue[pid] = rec
+            if leaving:
+                rec.leaving = True
+                if pid in self.queue:  # it has stopped accepting: its slot is empty now
+                    self.queue.move_to_end(pid, last=False)
+
+    def _successor_ready(self, arbiter, pid, age, now):
+        for rec in self.handoffs.values():
+            if rec.successor == pid and rec.successor_age == age and not rec.termed:
+                rec.termed = True
+                _log.debug("safe-gthread: worker %s ready after %.2fs; retiring worker %s "
+                           "(%s)", pid, now - rec.spawned_at, rec.pid, rec.reason)
+                if not rec.leaving:
+                    try:
+                        os.kill(rec.pid, signal.SIGTERM)
+                    except OSError:
+                        pass  # already gone: the reap forgets it
+                return
+
+    # -- every manage_workers ----------------------------------------------------------
+    def prune(self, arbiter):
+        workers = arbiter.WORKERS
+        for pid, rec in list(self.queue.items()):
+            if not _same(workers, pid, rec.age):
+                del self.queue[pid]
+        for pid, rec in list(self.handoffs.items()):
+            if not _same(workers, pid, rec.age):
+                del self.handoffs[pid]  # the old worker has left: retirement done
+            elif not rec.termed and not rec.leaving and not _same(
+                    workers, rec.successor, rec.successor_age):
+                # The successor died before it was ready (a crash; a boot error halts
+                # the arbiter, as stock): forget the pairing, the old worker keeps
+                # serving and retires itself after ``timeout`` at the latest.
+                _log.warning("safe-gthread: successor %s of worker %s exited before it "
+                             "was ready", rec.successor, pid)
+                del self.handoffs[pid]
+
+    def spawn_successors(self, arbiter, max_retiring):
+        workers = arbiter.WORKERS
+        while self.queue and len(self.handoffs) < max_retiring:
+            counted = len(workers) - len(self.handoffs)
+            if len(workers) >= arbiter.num_workers + max_retiring or counted > arbiter.num_workers:
+                break
+            pid, rec = self.queue.popitem(last=False)
+            before = set(workers)
+            self.spawning_for = pid
+            try:
+                arbiter.spawn_worker()
+            finally:
+                self.spawning_for = None
+            born = [new for new in workers if new not in before]
+            if not born:
+                self.queue[pid] = rec
+                self.queue.move_to_end(pid, last=False)
+                break
+            rec.successor = born[0]
+            rec.successor_age = getattr(workers[born[0]], "age", None)
+            rec.spawned_at = self.clock()
+            self.handoffs[pid] = rec
+            _log.debug("safe-gthread: worker %s retiring (%s): successor %s", pid,
+                       rec.reason, rec.successor)
+
+    def discounted(self):
+        return frozenset(self.handoffs)
+
+    def forget_all(self, arbiter):
+        """HUP: every worker now running is gunicorn's to replace, not ours."""
+        self.queue.clear()
+        self.handoffs.clear()
+        self.reload_age = getattr(arbiter, "worker_age", 0)
+
+    def retiring(self):
+        return set(self.queue) | set(self.handoffs)
+
+
+class _Discounted(MutableMapping):
+    """``Arbiter.WORKERS`` as manage_workers should count it: workers whose successor
+    exists left out, for the arbiter's main thread only (other threads see them all).
+
+    Counting and iterating skip them; lookups, stores and removals (reaping, spawning,
+    killing) reach the real dict, so a worker reaped meanwhile is really gone.
+    """
+
+    def __init__(self, workers, hidden, thread_ident=None):
+        self._workers = workers
+        self._hidden = frozenset(hidden)
+        self._ident = threading.get_ident() if thread_ident is None else thread_ident
+
+    def _hiding(self):
+        return self._hidden and threading.get_ident() == self._ident
+
+    def __getitem__(self, pid):
+        return self._workers[pid]
+
+    def __setitem__(self, pid, worker):
+        self._workers[pid] = worker
+
+    def __delitem__(self, pid):
+        del self._workers[pid]
+
+    def __contains__(self, pid):
+        return pid in self._workers
+
+    def __iter__(self):
+        pids = list(self._workers)
+        if not self._hiding():
+            return iter(pids)
+        return iter([pid for pid in pids if pid not in self._hidden])
+
+    def __len__(self):
+        if not self._hiding():
+            return len(self._workers)
+        return len(self._workers) - len(self._hidden.intersection(list(self._workers)))
+
+
+def _read(recv):
+    messages = []
+    while True:
+        try:
+            data = recv.recv(64)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                break
+            raise
+        if len(data) == _MSG.size:
+            messages.append(_MSG.unpack(data))
+    return messages
+
+
+def _real(workers):
+    return workers._workers if isinstance(workers, _Discounted) else workers
+
+
+# -- the patches (arbiter side) -------------------------------------------------------
+def _manage_workers(original, self, *args, **kwargs):
+    scheduler = _state.get("scheduler")
+    if scheduler is None or isinstance(self.WORKERS, _Discounted):
+        return original(self, *args, **kwargs)
+    try:
+        max_retiring = _settings.current().max_retiring
+    except _settings.SettingsError:
+        max_retiring = 1
+    scheduler.receive(self, _read(_state["recv"]))
+    scheduler.prune(self)
+    scheduler.spawn_successors(self, max_retiring)
+    hidden = scheduler.discounted()
+    if not hidden:
+        return original(self, *args, **kwargs)
+    workers = self.WORKERS
+    self.WORKERS = _Discounted(workers, hidden)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        self.WORKERS = workers
+
+
+def _spawn_worker(original, self, *args, **kwargs):
+    # The child closes every sibling's heartbeat file it finds in WORKERS (gunicorn >=
+    # 19.9): it must find them all.
+    view = self.WORKERS
+    if not isinstance(view, _Discounted):
+        return original(self, *args, **kwargs)
+    self.WORKERS = view._workers
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        self.WORKERS = view
+
+
+def _reload(original, self, *args, **kwargs):
+    scheduler = _state.get("scheduler")
+    if scheduler is not None:
+        scheduler.forget_all(self)
+    return original(self, *args, **kwargs)
+
+
+_PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
+            ("reload", _reload))
+
+
+def _open_channel():
+    """The arbiter's receiving end and how workers reach it.
+
+    A datagram socket bound to an abstract name (Linux): a worker opens a socket only
+    for the moment it sends, so it holds no fd of ours while it serves (a stock worker's
+    fd count, issue 10). Elsewhere, a socketpair whose sending end workers inherit.
+    """
+    recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        address = "\0safe-gthread.%d.%s" % (os.getpid(), binascii.hexlify(os.urandom(6)).decode())
+        recv.bind(address)
+        recv.setblocking(False)
+        return recv, address, None
+    except OSError:
+        recv.close()
+    recv, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    recv.setblocking(False)
+    sender.setblocking(False)
+    return recv, None, sender
+
+
+def install():
+    """In the arbiter: open the message channel and patch the arbiter (idempotent).
+    False when already installed or when the arbiter's shape is not recognised."""
+    Arbiter = gunicorn_arbiter.Arbiter
+    with _lock:
+        if _state:
+            return False
+        missing = [name for name, _ in _PATCHES if not callable(getattr(Arbiter, name, None))]
+        if missing:
+            from . import _compat
+            _compat.warn_unrecognised("safe_gthread's retirement scheduler",
+                                      ["Arbiter.%s" % name for name in missing], _log)
+            return False
+        recv, address, sender = _open_channel()  # close-on-exec, as Python makes them
+        _state.update(recv=recv, address=address, sender=sender, scheduler=_Scheduler(),
+                      arbiter_pid=os.getpid())
+        if hasattr(os, "register_at_fork") and not _state_forks:
+            # Close the receiving end in every child at once (the fd test samples from
+            # the first instant); on Python 3.6 a worker closes it in init_process.
+            _state_forks.append(True)
+            os.register_at_fork(after_in_child=worker_forked)
+        for name, impl in _PATCHES:
+            _patch.wrap(Arbiter, name, impl, key=KEY)
+        return True
+
+
+def uninstall():
+    """Remove our arbiter patches and close the channel; False if not installed."""
+    with _lock:
+        if not _state:
+            return False
+        for name, _ in _PATCHES:
+            _patch.unwrap(gunicorn_arbiter.Arbiter, name, key=KEY)
+        for name in ("recv", "sender"):
+            if _state.get(name) is not None:
+                _state[name].close()
+        _state.clear()
+        return True
+
+
+def installed():
+    return bool(_state)
+
+
+# -- for other parts of safe-gthread (arbiter side) -------------------------------------
+def predecessor_of_spawn():
+    """In the arbiter, during a ``spawn_worker`` we started: the pid of the worker the
+    new one replaces; None otherwise."""
+    scheduler = _state.get("scheduler")
+    return scheduler.spawning_for if scheduler is not None else None
+
+
+def retiring_pids():
+    """In the arbiter: the pids of workers that asked to retire and have not left yet."""
+    scheduler = _state.get("scheduler")
+    return scheduler.retiring() if scheduler is not None else set()
+
+
+# -- worker side -----------------------------------------------------------------------
+def worker_forked():
+    """In a new worker: close the arbiter's receiving end (it is not ours)."""
+    recv = _state.get("recv")
+    if recv is None or _state.get("arbiter_pid") == os.getpid():
+        return
+    try:
+        recv.close()
+    except OSError:
+        pass
+    _state["recv"] = None
+    _state.pop("scheduler", None)
+
+
+def send(worker, kind, reason=""):
+    """Tell the arbiter (``worker.ppid``); False when that is not possible (no
+    scheduler in this arbiter, a full queue, a gone parent): the caller falls back to
+    the stock way."""
+    if not _state or _state.get("arbiter_pid") != worker.ppid:
+        return False
+    code = REASONS.index(reason) if reason in REASONS else 0
+    message = _MSG.pack(kind, code, os.getpid(), int(worker.age))
+    try:
+        if _state["address"] is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.sendto(message, _state["address"])
+            finally:
+                sock.close()
+        else:
+            _state["sender"].send(message)
+        os.kill(worker.ppid, signal.SIGCHLD)
+    except (OSError, struct.error):
+        return False
+    return True
+
+
+def stopped_accepting(worker):
+    """Called by the retirement mixins (``_retire``) when the loop stops accepting:
+    the drain starts now (for the retirement log line)."""
+    started = getattr(worker, "_safe_drain_started", False)
+    if started is None:
+        worker._safe_drain_started = time.monotonic()
