@@ -7,13 +7,13 @@ slot stays empty for the whole drain plus the successor's boot (benoitc/gunicorn
 40 % of the capacity. Here:
 
 1. A worker that reaches a trigger (``max_requests`` + jitter, ``max_worker_memory``,
-   ``max_worker_lifetime``; ``safe_gthread._worker``) sends a RETIRE message to a
-   datagram socket the arbiter bound, wakes the arbiter with SIGCHLD, and **keeps
+   ``max_worker_lifetime``; ``safe_gthread._worker``) writes "retire me (reason)" at
+   the start of its heartbeat file, wakes the arbiter with SIGCHLD, and **keeps
    serving**.
 2. The arbiter queues the request. While fewer than ``max_retiring`` retirements are in
    flight, it forks a successor for the first in the queue (so worker processes stay
    within ``workers .. workers + max_retiring``).
-3. The successor writes READY once booted (app loaded, ``post_worker_init`` run, entering
+3. The successor writes "ready" in its own heartbeat file once booted (app loaded, ``post_worker_init`` run, entering
    its loop); the arbiter then sends the old worker SIGTERM: gunicorn's graceful stop,
    which our retirement (``safe_gthread._retire``) makes lose nothing.
 4. If no successor is ready within gunicorn's ``timeout``, the old worker retires
@@ -27,9 +27,13 @@ arbiter's main thread inside that call: ``spawn_worker`` runs with the real
 ``WORKERS`` (a fork closes every sibling's heartbeat file, gunicorn >= 19.9), and other
 threads (gunicorn >= 25's control socket, ``show workers``) always see every worker.
 
-Messages carry the worker's ``age`` (gunicorn's spawn counter): a message from a pid
-reaped and reused before the arbiter read it no longer matches ``WORKERS[pid].age`` and
-is dropped. HUP, TTIN, TTOU and stops are never turned into handoffs: HUP forgets every
+The channel is each worker's heartbeat file (gunicorn's ``WorkerTmp``, opened by the
+arbiter before fork and shared with the worker; the heartbeat itself only changes its
+timestamps): ``os.pwrite`` at offset 0 in the worker, ``os.pread`` in the arbiter. So a
+worker holds no extra fd at all (issue 10: safe workers held more fds than stock ones),
+and a state belongs to a worker object, never to a pid: a pid reaped and reused is a
+new ``WORKERS`` entry with a new file. The bookkeeping still checks each entry's
+``age`` (gunicorn's spawn counter) against ``WORKERS[pid].age``. HUP, TTIN, TTOU and stops are never turned into handoffs: HUP forgets every
 pending retirement, and the workers it replaces are gunicorn's to stop.
 
 gunicorn reaps in its SIGCHLD handler up to 23.x (19.x - 23.x run ``reap_workers`` in the
@@ -38,12 +42,9 @@ signal for the main loop. Either way the view never pops anything: lookups, stor
 removals reach the real dict.
 """
 import collections
-import binascii
-import errno
 import logging
 import os
 import signal
-import socket
 import struct
 import threading
 import time
@@ -55,15 +56,16 @@ from . import _patch, _settings
 
 KEY = "safe_gthread.schedule"
 
-#: kind, reason, pid, age: 14 bytes, less than PIPE_BUF, so a write is never torn.
-_MSG = struct.Struct("=BBiq")
+#: What a worker writes at the start of its heartbeat file: a magic, "ready", what it
+#: wants (0 nothing, RETIRE, LEAVING) and why (an index in REASONS).
+_STATE = struct.Struct("=2sBBB")
+_MAGIC = b"sg"
 RETIRE, LEAVING, READY = 1, 2, 3
 REASONS = ("", "max_requests", "max_worker_memory", "max_worker_lifetime")
 
 _log = logging.getLogger("gunicorn.error")
 _lock = threading.RLock()
-_state = {}  # "recv", "address", "sender", "scheduler", "arbiter_pid"
-_state_forks = []
+_state = {}  # "scheduler": _Scheduler (arbiter); "mine": [ready, want, reason] (worker)
 
 
 class _Retirement(object):
@@ -148,8 +150,9 @@ class _Scheduler(object):
             elif not rec.termed and not rec.leaving and not _same(
                     workers, rec.successor, rec.successor_age):
                 # The successor died before it was ready (a crash; a boot error halts
-                # the arbiter, as stock): forget the pairing, the old worker keeps
-                # serving and retires itself after ``timeout`` at the latest.
+                # the arbiter, as stock): forget the pairing. The old worker keeps
+                # serving; its request still stands in its heartbeat file, so it queues
+                # again, and it retires itself after ``timeout`` at the latest.
                 _log.warning("safe-gthread: successor %s of worker %s exited before it "
                              "was ready", rec.successor, pid)
                 del self.handoffs[pid]
@@ -232,19 +235,24 @@ class _Discounted(MutableMapping):
         return len(self._workers) - len(self._hidden.intersection(list(self._workers)))
 
 
-def _read(recv):
+def _read(workers):
+    """(kind, reason, pid, age) for what every worker's heartbeat file says now."""
     messages = []
-    while True:
+    for pid, worker in list(workers.items()):
         try:
-            data = recv.recv(64)
-        except (BlockingIOError, InterruptedError):
-            break
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                break
-            raise
-        if len(data) == _MSG.size:
-            messages.append(_MSG.unpack(data))
+            data = os.pread(worker.tmp.fileno(), _STATE.size, 0)
+        except (AttributeError, OSError, ValueError):
+            continue  # closed meanwhile (reaped), or not a gunicorn worker object
+        if len(data) != _STATE.size:
+            continue
+        magic, ready, want, reason = _STATE.unpack(data)
+        if magic != _MAGIC:
+            continue
+        age = getattr(worker, "age", None)
+        if ready:
+            messages.append((READY, 0, pid, age))
+        if want in (RETIRE, LEAVING):
+            messages.append((want, reason, pid, age))
     return messages
 
 
@@ -261,7 +269,7 @@ def _manage_workers(original, self, *args, **kwargs):
         max_retiring = _settings.current().max_retiring
     except _settings.SettingsError:
         max_retiring = 1
-    scheduler.receive(self, _read(_state["recv"]))
+    scheduler.receive(self, _read(_real(self.WORKERS)))
     scheduler.prune(self)
     scheduler.spawn_successors(self, max_retiring)
     hidden = scheduler.discounted()
@@ -299,27 +307,6 @@ _PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker)
             ("reload", _reload))
 
 
-def _open_channel():
-    """The arbiter's receiving end and how workers reach it.
-
-    A datagram socket bound to an abstract name (Linux): a worker opens a socket only
-    for the moment it sends, so it holds no fd of ours while it serves (a stock worker's
-    fd count, issue 10). Elsewhere, a socketpair whose sending end workers inherit.
-    """
-    recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        address = "\0safe-gthread.%d.%s" % (os.getpid(), binascii.hexlify(os.urandom(6)).decode())
-        recv.bind(address)
-        recv.setblocking(False)
-        return recv, address, None
-    except OSError:
-        recv.close()
-    recv, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    recv.setblocking(False)
-    sender.setblocking(False)
-    return recv, None, sender
-
-
 def install():
     """In the arbiter: open the message channel and patch the arbiter (idempotent).
     False when already installed or when the arbiter's shape is not recognised."""
@@ -333,29 +320,19 @@ def install():
             _compat.warn_unrecognised("safe_gthread's retirement scheduler",
                                       ["Arbiter.%s" % name for name in missing], _log)
             return False
-        recv, address, sender = _open_channel()  # close-on-exec, as Python makes them
-        _state.update(recv=recv, address=address, sender=sender, scheduler=_Scheduler(),
-                      arbiter_pid=os.getpid())
-        if hasattr(os, "register_at_fork") and not _state_forks:
-            # Close the receiving end in every child at once (the fd test samples from
-            # the first instant); on Python 3.6 a worker closes it in init_process.
-            _state_forks.append(True)
-            os.register_at_fork(after_in_child=worker_forked)
+        _state["scheduler"] = _Scheduler()
         for name, impl in _PATCHES:
             _patch.wrap(Arbiter, name, impl, key=KEY)
         return True
 
 
 def uninstall():
-    """Remove our arbiter patches and close the channel; False if not installed."""
+    """Remove our arbiter patches; False if not installed."""
     with _lock:
         if not _state:
             return False
         for name, _ in _PATCHES:
             _patch.unwrap(gunicorn_arbiter.Arbiter, name, key=KEY)
-        for name in ("recv", "sender"):
-            if _state.get(name) is not None:
-                _state[name].close()
         _state.clear()
         return True
 
@@ -379,39 +356,23 @@ def retiring_pids():
 
 
 # -- worker side -----------------------------------------------------------------------
-def worker_forked():
-    """In a new worker: close the arbiter's receiving end (it is not ours)."""
-    recv = _state.get("recv")
-    if recv is None or _state.get("arbiter_pid") == os.getpid():
-        return
-    try:
-        recv.close()
-    except OSError:
-        pass
-    _state["recv"] = None
-    _state.pop("scheduler", None)
-
-
 def send(worker, kind, reason=""):
-    """Tell the arbiter (``worker.ppid``); False when that is not possible (no
-    scheduler in this arbiter, a full queue, a gone parent): the caller falls back to
-    the stock way."""
-    if not _state or _state.get("arbiter_pid") != worker.ppid:
+    """In a worker: tell the arbiter (``worker.ppid``) we are READY, or want to RETIRE
+    (keep serving) or are LEAVING (stopped accepting). False when that is not possible
+    (no scheduler in this arbiter, no heartbeat file, a gone parent): the caller falls
+    back to the stock way."""
+    if "scheduler" not in _state and "mine" not in _state:
         return False
-    code = REASONS.index(reason) if reason in REASONS else 0
-    message = _MSG.pack(kind, code, os.getpid(), int(worker.age))
+    mine = _state.setdefault("mine", [0, 0, 0])
+    if kind == READY:
+        mine[0] = 1
+    else:
+        mine[1] = max(mine[1], kind)
+        mine[2] = REASONS.index(reason) if reason in REASONS else 0
     try:
-        if _state["address"] is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                sock.setblocking(False)
-                sock.sendto(message, _state["address"])
-            finally:
-                sock.close()
-        else:
-            _state["sender"].send(message)
+        os.pwrite(worker.tmp.fileno(), _STATE.pack(_MAGIC, *mine), 0)
         os.kill(worker.ppid, signal.SIGCHLD)
-    except (OSError, struct.error):
+    except (AttributeError, OSError, ValueError, struct.error):
         return False
     return True
 

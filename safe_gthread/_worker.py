@@ -122,7 +122,6 @@ class Worker(_Retirement, ThreadWorker):
 
     # -- after fork ------------------------------------------------------------------
     def init_process(self):
-        _schedule.worker_forked()
         self._safe_lock = threading.Lock()
         self._safe_born = time.monotonic()
         self._safe_reason = None
