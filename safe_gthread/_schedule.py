@@ -285,15 +285,28 @@ def _manage_workers(original, self, *args, **kwargs):
 
 def _spawn_worker(original, self, *args, **kwargs):
     # The child closes every sibling's heartbeat file it finds in WORKERS (gunicorn >=
-    # 19.9): it must find them all.
+    # 19.9): it must find them all, so the fork runs with the real dict. Before 19.9 the
+    # child closes none: it finds them in ``_state["siblings"]`` (``close_siblings``).
     view = self.WORKERS
-    if not isinstance(view, _Discounted):
-        return original(self, *args, **kwargs)
-    self.WORKERS = view._workers
+    real = _real(view)
+    _state["siblings"] = [getattr(worker, "tmp", None) for worker in list(real.values())]
+    self.WORKERS = real
     try:
         return original(self, *args, **kwargs)
     finally:
         self.WORKERS = view
+        _state.pop("siblings", None)
+
+
+def close_siblings(own_tmp):
+    """In a new worker: close the heartbeat files of the siblings it was forked beside
+    (gunicorn < 19.9 leaves them open in every worker for its whole life)."""
+    for tmp in _state.pop("siblings", None) or ():
+        if tmp is not None and tmp is not own_tmp:
+            try:
+                tmp.close()
+            except (OSError, ValueError):
+                pass
 
 
 def _reload(original, self, *args, **kwargs):

@@ -122,6 +122,7 @@ class Worker(_Retirement, ThreadWorker):
 
     # -- after fork ------------------------------------------------------------------
     def init_process(self):
+        _schedule.close_siblings(self.tmp)
         self._safe_lock = threading.Lock()
         self._safe_born = time.monotonic()
         self._safe_reason = None

@@ -10,31 +10,34 @@ from safe_gthread.check import load as _load, procs as _procs
 from versions import STOCK_WORKERS_UNLINK
 
 
-def fd_targets(pid):
-    targets = []
+def fd_table(pid):
+    """``{fd: target}`` of ``pid`` now (empty once it is gone)."""
+    table = {}
     try:
         for fd in os.listdir("/proc/%d/fd" % pid):
             try:
-                targets.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+                table[fd] = os.readlink("/proc/%d/fd/%s" % (pid, fd))
             except OSError:
                 pass
     except OSError:
         pass
-    return targets
+    return table
 
 
-def fd_count(pid, arbiter_sockets):
-    """The worker's fds that are not per-connection: client connections and the
-    temporary selectors gunicorn 27's pool threads open while they wait for a request
-    (``anon_inode:[eventpoll]``, alike by name) depend on where the load went at that instant, not on
-    what a worker leaks; so do files open for an instant (a module being imported,
-    ``/proc/self/statm`` read for the retirement line). Other files (siblings' heartbeat
-    files), pipes and sockets the arbiter also holds (listeners, anything it leaks into
-    its children) count."""
-    return sum(1 for target in fd_targets(pid)
-               if (target.startswith("socket:") and target in arbiter_sockets)
-               or not (target.startswith(("socket:", "anon_inode:", "/proc/"))
-                       or target.endswith((".py", ".pyc"))))
+def held(before, now, arbiter_sockets):
+    """The fds a worker held across two samples 20 ms apart, per-connection ones left
+    out. A leak is held for the worker's life; what is open for an instant is not one
+    (the instant of fork, when a child still has every sibling's heartbeat file before
+    gunicorn closes them; a module being imported; ``/proc/self/statm`` read for the
+    retirement line). Client connections and the temporary selectors gunicorn 27's pool
+    threads open while they wait for a request (``anon_inode:[eventpoll]``, alike by
+    name) depend on where the load went at that instant, not on what a worker leaks.
+    Files (siblings' heartbeat files), pipes and the sockets the arbiter also holds
+    (listeners, anything it would leak into its children) count."""
+    return sum(1 for fd, target in now.items()
+               if before.get(fd) == target
+               and ((target.startswith("socket:") and target in arbiter_sockets)
+                    or not target.startswith(("socket:", "anon_inode:"))))
 
 
 def most_fds_under_churn(gunicorn_server, worker):
@@ -44,10 +47,14 @@ def most_fds_under_churn(gunicorn_server, worker):
     most, stop = [0], threading.Event()
 
     def sample():
-        while not stop.wait(0.005):
-            arbiter_sockets = set(fd_targets(server.proc.pid))
-            for pid in _procs.children(server.proc.pid):
-                most[0] = max(most[0], fd_count(pid, arbiter_sockets))
+        previous = {}
+        while not stop.wait(0.02):
+            arbiter_sockets = set(fd_table(server.proc.pid).values())
+            tables = {pid: fd_table(pid) for pid in _procs.children(server.proc.pid)}
+            for pid, table in tables.items():
+                if pid in previous:
+                    most[0] = max(most[0], held(previous[pid], table, arbiter_sockets))
+            previous = tables
 
     thread = threading.Thread(target=sample)
     thread.daemon = True

@@ -154,6 +154,7 @@ def test_spawn_worker_runs_with_the_real_workers():
                                                             key=lambda w: w.age)), arbiter)
     assert [w.age for w in seen[0]] == [1, 2]
     assert isinstance(arbiter.WORKERS, _schedule._Discounted)
+    assert "siblings" not in _schedule._state  # only during the fork
 
 
 def test_lifetime_is_spread_per_worker():
