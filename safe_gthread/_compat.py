@@ -143,5 +143,5 @@ def protections():
     active.append("nothing but a dead socket is replaced at bind")
     if GTHREAD_GENERATION in ("legacy", "method-queue"):
         active.append("retiring workers finish kept-alive connections")
-    active.append("successor boots while its predecessor drains")
+    active.append("a retiring worker serves until its successor is ready")
     return active
