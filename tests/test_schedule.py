@@ -287,3 +287,63 @@ def test_ttou_is_not_replaced(gunicorn_server):
         assert len(server.worker_pids()) == 2, server.log()
         time.sleep(0.05)
     assert server.serves()
+
+
+# -- in process: the worker's triggers -----------------------------------------------------
+class FakeTmp(object):
+    def notify(self):
+        pass
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    import logging
+    sent = []
+    monkeypatch.setattr(_schedule, "send",
+                        lambda worker, kind, reason="": sent.append((kind, reason)) or True)
+    w = _worker.Worker.__new__(_worker.Worker)
+    w.alive, w.nr, w.age, w.ppid, w.tmp = True, 0, 3, os.getpid(), FakeTmp()
+    if not isinstance(getattr(type(w), "pid", None), property):
+        w.pid = os.getpid()  # gunicorn >= 20 sets it after fork; 19.x has a property
+    w.log = logging.getLogger("gunicorn.error")
+    w._safe_lock = threading.Lock()
+    w._safe_retire_after, w._safe_lifetime_at, w._safe_handoff_wait = 5, None, 30.0
+    w._safe_reason = w._safe_fallback_at = w._safe_stopped_by = None
+    w.sent = sent
+    return w
+
+
+def test_max_requests_asks_once_and_keeps_serving(worker):
+    worker.notify()
+    assert worker.sent == []
+    worker.nr = 5
+    worker.notify()
+    worker.nr = 9
+    worker.notify()
+    assert worker.sent == [(_schedule.RETIRE, "max_requests")]
+    assert worker.alive  # until the arbiter's TERM, or the timeout fallback
+    worker._safe_fallback_at = time.monotonic() - 1
+    worker.notify()
+    assert not worker.alive and worker._safe_stopped_by == "fallback"
+
+
+def test_lifetime_asks_for_a_successor(worker):
+    worker._safe_retire_after = None
+    worker._safe_lifetime_at = time.monotonic() - 1
+    worker.notify()
+    assert worker.sent == [(_schedule.RETIRE, "max_worker_lifetime")] and worker.alive
+
+
+def test_memory_limit_stops_accepting_at_once(worker):
+    worker._retire("max_worker_memory")
+    worker._retire("max_worker_memory", now_=True)
+    assert worker.sent == [(_schedule.RETIRE, "max_worker_memory"),
+                           (_schedule.LEAVING, "max_worker_memory")]
+    assert not worker.alive and worker._safe_stopped_by == "limit"
+
+
+def test_no_scheduler_means_the_stock_way(worker, monkeypatch):
+    monkeypatch.setattr(_schedule, "send", lambda worker, kind, reason="": False)
+    worker.nr = 5
+    worker.notify()
+    assert not worker.alive
