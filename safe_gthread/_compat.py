@@ -120,6 +120,18 @@ REUSE_PORT_BINDS_IN_WORKERS = (
 #: The status gunicorn's arbiter takes for "Worker failed to boot." (it then halts).
 WORKER_BOOT_ERROR = getattr(gunicorn_arbiter.Arbiter, "WORKER_BOOT_ERROR", 3)
 
+def _statsd_timer_type():
+    try:
+        from gunicorn.instrument import statsd
+    except Exception:  # an optional module of gunicorn's; never fail the import for it
+        return "histogram"
+    return getattr(statsd, "TIMER_TYPE", "histogram")
+
+
+#: The ``mtype`` gunicorn's statsd logger sends as a timer ("|ms"): "timer" where it has
+#: one (it then sends "histogram" as "|h"), "histogram" before (sent as "|ms").
+STATSD_TIMER_TYPE = _statsd_timer_type()
+
 _warned = set()
 
 

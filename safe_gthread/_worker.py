@@ -1,6 +1,7 @@
 """``safe_gthread.Worker``: gunicorn's gthread worker that keeps the socket, every request
 and its capacity across restarts."""
 import logging
+import math
 import os
 import random
 import sys
@@ -259,11 +260,13 @@ class Worker(_Retirement, ThreadWorker):
             "n/a" if drain is None else "%.2fs" % drain)
         if getattr(self.cfg, "statsd_host", None):
             # gunicorn's statsd logger sends a metric for any log call that carries one,
-            # and logs nothing when the message is empty; "histogram" is its timer ("|ms").
+            # and logs nothing when the message is empty; timers go out as "|ms".
             self.log.info("", extra={"metric": "safe_gthread.retirements.%s" % reason,
                                      "value": 1, "mtype": "counter"})
             for name, seconds in (("handoff_wait", wait), ("drain", drain)):
                 if seconds is not None:
+                    # Whole milliseconds, rounded up: gunicorn drops a metric whose value
+                    # is 0 (``if metric and value and typ``).
                     self.log.info("", extra={"metric": "safe_gthread.%s" % name,
-                                             "value": int(seconds * 1000),
-                                             "mtype": "histogram"})
+                                             "value": max(int(math.ceil(seconds * 1000)), 1),
+                                             "mtype": _compat.STATSD_TIMER_TYPE})

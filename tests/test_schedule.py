@@ -347,3 +347,31 @@ def test_no_scheduler_means_the_stock_way(worker, monkeypatch):
     worker.nr = 5
     worker.notify()
     assert not worker.alive
+
+
+def test_statsd_gets_counters_and_timers(gunicorn_server):
+    import socket
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.2)
+    try:
+        server = gunicorn_server("safe", workers=2, threads=2, max_requests=20,
+                                 statsd_host="127.0.0.1:%d" % udp.getsockname()[1])
+        result = _load.run_load(server.sock_path, seconds=30, concurrency=4,
+                                stop=lambda: server.restarts() >= 2)
+        assert result.failed == 0, result.as_dict()
+        seen, deadline = b"", time.monotonic() + 20
+        while time.monotonic() < deadline and not all(
+                name in seen for name in (b"safe_gthread.retirements.max_requests:1|c",
+                                          b"safe_gthread.handoff_wait:",
+                                          b"safe_gthread.drain:")):
+            try:
+                seen += udp.recv(65536) + b"\n"
+            except socket.timeout:
+                pass
+        assert b"safe_gthread.retirements.max_requests:1|c" in seen, seen[-2000:]
+        # Timers: "|ms" (gunicorn's "timer" type from 25.x or so, "histogram" before).
+        assert re.search(rb"safe_gthread\.handoff_wait:[\d.]+\|ms", seen), seen[-2000:]
+        assert re.search(rb"safe_gthread\.drain:[\d.]+\|ms", seen), seen[-2000:]
+    finally:
+        udp.close()
