@@ -24,54 +24,62 @@ def fd_table(pid):
     return table
 
 
-def held(before, now, arbiter_sockets):
-    """The fds a worker held across two samples 20 ms apart, per-connection ones left
-    out. A leak is held for the worker's life; what is open for an instant is not one
-    (the instant of fork, when a child still has every sibling's heartbeat file before
-    gunicorn closes them; a module being imported; ``/proc/self/statm`` read for the
-    retirement line). Client connections and the temporary selectors gunicorn 27's pool
-    threads open while they wait for a request (``anon_inode:[eventpoll]``, alike by
-    name) depend on where the load went at that instant, not on what a worker leaks.
-    Files (siblings' heartbeat files), pipes and the sockets the arbiter also holds
-    (listeners, anything it would leak into its children) count."""
+def held(before, now, arbiter_targets):
+    """The fds a worker inherited from the arbiter and still held across two samples
+    20 ms apart: the leak class of issue 10 (siblings' heartbeat files, the arbiter's
+    pipes and sockets). A worker needs a few (stdio, the log, the listeners, its own
+    heartbeat file); what it opens itself (its poller, pool pipes, client connections)
+    depends on how long it lived and where the load went, not on what it leaks, and
+    what is open for an instant (the fork itself, before gunicorn closes the siblings'
+    files) is not a leak either. ``anon_inode`` targets look alike by name: left out."""
     return sum(1 for fd, target in now.items()
-               if before.get(fd) == target
-               and ((target.startswith("socket:") and target in arbiter_sockets)
-                    or not target.startswith(("socket:", "anon_inode:"))))
+               if before.get(fd) == target and target in arbiter_targets
+               and not target.startswith("anon_inode:"))
 
 
-def most_fds_under_churn(gunicorn_server, worker):
+def most_fds_under_churn(gunicorn_server, worker, max_requests=3):
     # Stock 19.6.0 loses its socket at the first restart: its control runs guarded.
-    server = gunicorn_server(worker, workers=3, threads=2, max_requests=3, keepalive=2,
-                             guard=worker == "stock" and STOCK_WORKERS_UNLINK)
+    server = gunicorn_server(worker, workers=3, threads=2, max_requests=max_requests,
+                             keepalive=2, guard=worker == "stock" and STOCK_WORKERS_UNLINK)
     most, stop = [0], threading.Event()
 
     def sample():
         previous = {}
         while not stop.wait(0.02):
-            arbiter_sockets = set(fd_table(server.proc.pid).values())
+            arbiter_targets = set(fd_table(server.proc.pid).values())
             tables = {pid: fd_table(pid) for pid in _procs.children(server.proc.pid)}
             for pid, table in tables.items():
                 if pid in previous:
-                    most[0] = max(most[0], held(previous[pid], table, arbiter_sockets))
+                    most[0] = max(most[0], held(previous[pid], table, arbiter_targets))
             previous = tables
 
     thread = threading.Thread(target=sample)
     thread.daemon = True
     thread.start()
     try:
-        result = _load.run_load(server.sock_path, seconds=60, concurrency=4, keepalive_share=0.0,
-                                stop=lambda: server.restarts() >= 30)
+        if max_requests:
+            result = _load.run_load(server.sock_path, seconds=60, concurrency=4,
+                                    keepalive_share=0.0, stop=lambda: server.restarts() >= 30)
+        else:
+            result = _load.run_load(server.sock_path, seconds=2, concurrency=4,
+                                    keepalive_share=0.0)
     finally:
         stop.set()
         thread.join()
-    assert server.restarts() >= 30, (result.as_dict(), server.log())
+    assert server.restarts() >= (30 if max_requests else 0), (result.as_dict(), server.log())
     return most[0], result, server
 
 
 def test_a_safe_worker_holds_no_more_fds_than_a_stock_one(gunicorn_server):
-    stock, _, _ = most_fds_under_churn(gunicorn_server, "stock")
+    # Under this churn a stock worker lives a few milliseconds, often too short for two
+    # samples: a stock worker at rest (same workers, no restarts) is the steadier
+    # control of what a worker inherits (on 19.6 - 19.8 that includes the heartbeat
+    # files of the siblings forked before it).
+    stock_churn, _, _ = most_fds_under_churn(gunicorn_server, "stock")
+    stock_rest, _, _ = most_fds_under_churn(gunicorn_server, "stock", max_requests=0)
     safe, result, server = most_fds_under_churn(gunicorn_server, "safe")
-    print("most fds per worker: stock %d, safe %d" % (stock, safe))
+    stock = max(stock_churn, stock_rest)
+    print("most inherited fds per worker: stock %d (churn %d, rest %d), safe %d"
+          % (stock, stock_churn, stock_rest, safe))
     assert safe <= stock, (safe, stock, server.log())
     assert result.failed == 0, (result.as_dict(), server.log())
