@@ -187,6 +187,18 @@ def conn_request_buffered(conn):
     return request_buffered(getattr(parser, "unreader", None), getattr(parser, "mesg", None))
 
 
+def _statsd_timer_type():
+    try:
+        from gunicorn.instrument import statsd
+    except Exception:  # an optional module of gunicorn's; never fail the import for it
+        return "histogram"
+    return getattr(statsd, "TIMER_TYPE", "histogram")
+
+
+#: The ``mtype`` gunicorn's statsd logger sends as a timer ("|ms"): "timer" where it has
+#: one (it then sends "histogram" as "|h"), "histogram" before (sent as "|ms").
+STATSD_TIMER_TYPE = _statsd_timer_type()
+
 _warned = set()
 
 
@@ -213,5 +225,5 @@ def protections():
         active.append("a removed socket path is linked back to the listener")
     if GTHREAD_GENERATION in ("legacy", "method-queue"):
         active.append("retiring workers finish kept-alive connections")
-    active.append("successor boots while its predecessor drains")
+    active.append("a retiring worker serves until its successor is ready")
     return active

@@ -36,7 +36,7 @@ import threading
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 
-from . import _compat, _patch
+from . import _compat, _patch, _schedule
 
 PATCH_KEY = "safe_gthread.reuseport"
 
@@ -143,33 +143,9 @@ def migrate_req():
 
 
 def _scheduler_hints():
-    """(predecessor pid or None, retiring pids) from the arbiter's scheduler.
-
-    ``_schedule`` (readiness-gated handoff) knows which worker a spawn replaces; where it
-    is missing, ``_handoff``'s list of workers that announced their retirement is the
-    next best thing, else nothing is known and the fewest-users rule decides.
-    """
-    predecessor, retiring = None, set()
-    try:
-        from . import _schedule
-    except ImportError:
-        _schedule = None
-    if _schedule is not None:
-        try:
-            predecessor = _schedule.predecessor_of_spawn()
-        except AttributeError:
-            predecessor = None
-        try:
-            retiring = set(_schedule.retiring_pids())
-        except AttributeError:
-            retiring = set()
-    if not retiring:
-        try:
-            from . import _handoff
-            retiring = set(getattr(_handoff, "_state", {}).get("retiring") or ())
-        except ImportError:
-            pass
-    return predecessor, retiring
+    """(the pid of the worker this spawn replaces or None, the pids now retiring), from
+    the arbiter's scheduler (``_schedule``)."""
+    return _schedule.predecessor_of_spawn(), set(_schedule.retiring_pids())
 
 
 def _address(cfg):

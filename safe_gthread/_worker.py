@@ -1,9 +1,16 @@
-"""``safe_gthread.Worker``: gunicorn's gthread worker that keeps the socket and every request."""
+"""``safe_gthread.Worker``: gunicorn's gthread worker that keeps the socket, every request
+and its capacity across restarts."""
 import logging
+import math
+import os
+import random
+import sys
+import threading
+import time
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import _compat, _handoff, _retire, _reuseport, guard
+from . import _compat, _retire, _reuseport, _schedule, _settings, guard
 from ._version import __version__
 
 _announced = []
@@ -11,10 +18,53 @@ _announced = []
 #: The retirement this gunicorn's gthread loop needs, chosen once (``_retire``).
 _Retirement = _retire.for_generation()
 
+#: How often a worker with ``max_worker_memory`` reads its RSS (/proc/self/statm, ~10 us):
+#: at 1 MiB leaked per request and 200 requests a second a worker grows 4 MiB between
+#: two samples.
+MEMORY_SAMPLE_INTERVAL = 0.02
+
+#: Within this share of ``max_worker_memory`` a worker samples every 5 ms instead.
+MEMORY_CLOSE_SHARE = 0.75
+MEMORY_CLOSE_INTERVAL = 0.005
+
+#: A worker asks for its successor once its RSS reaches this share of
+#: ``max_worker_memory`` (and keeps serving meanwhile); at the limit itself it stops
+#: accepting at once.
+MEMORY_SOFT_SHARE = 0.9
+
+#: ``max_worker_lifetime`` is spread by +-this share per worker, so workers started
+#: together do not all retire together.
+LIFETIME_SPREAD = 0.1
+
+#: How long a worker waits for its successor when gunicorn's ``timeout`` is 0 (off).
+DEFAULT_HANDOFF_WAIT = 30.0
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def read_rss():
+    """This process's resident set size in bytes, or None where /proc is missing."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lifetime_for(age, lifetime):
+    """``lifetime`` spread by +-10 %, the same for the same worker generation (``age``)."""
+    if not lifetime:
+        return None
+    return lifetime * (1.0 + LIFETIME_SPREAD * (2.0 * random.Random(age).random() - 1.0))
+
+
+def fmt_mib(nbytes):
+    return "n/a" if nbytes is None else "%.1f MiB" % (nbytes / 1048576.0)
+
 
 class Worker(_Retirement, ThreadWorker):
     """gunicorn's threaded worker (``gthread``) that neither deletes the unix socket nor
-    drops a request when it restarts.
+    drops a request nor leaves a slot empty when it restarts.
 
     Use it with ``worker_class = "safe_gthread.Worker"`` or ``-k safe_gthread.Worker``;
     every gthread setting (``threads``, ``keepalive``, ``max_requests``,
@@ -23,13 +73,20 @@ class Worker(_Retirement, ThreadWorker):
     - When gunicorn loads the class (in the arbiter, before it binds), it installs
       :mod:`safe_gthread.guard`: only the arbiter that bound the socket removes it,
       at its own stop, and only if the path is still that socket.
-    - A worker that retires (``max_requests``, HUP, TERM) stops accepting at once,
-      finishes what it accepted and answers one more request on each kept-alive
-      connection with ``Connection: close``. gunicorn 27.0.1 and later do this
-      themselves; on 19.x - 27.0.0 the worker's own retirement does it.
-    - A worker that retires for ``max_requests`` gets its successor forked at once,
-      instead of after it has exited.
+    - A worker that must retire (``max_requests`` + jitter, ``max_worker_memory``,
+      ``max_worker_lifetime``: :func:`safe_gthread.configure`) keeps serving until the
+      arbiter has booted its successor (``safe_gthread._schedule``), then retires.
+    - A worker that retires (handoff, HUP, TERM) stops accepting at once, finishes what
+      it accepted and answers one more request on each kept-alive connection with
+      ``Connection: close``. gunicorn 27.0.1 and later do this themselves; on 19.x -
+      27.0.0 the worker's own retirement does it.
     """
+
+    # Class-level defaults: a worker built by a test without __init__ still works.
+    _safe_retire_after = None
+    _safe_reason = None
+    _safe_drain_started = False
+    _safe_settings = None
 
     @classmethod
     def setup(cls):
@@ -37,8 +94,12 @@ class Worker(_Retirement, ThreadWorker):
         if parent is not None:
             parent()
         log = logging.getLogger("gunicorn.error")
+        try:
+            settings = _settings.current()
+        except _settings.SettingsError as exc:
+            _settings.fail(str(exc), log)
         guard.install(log)
-        _handoff.install()
+        _schedule.install()
         _reuseport.install()
         if _compat.GTHREAD_GENERATION is None:
             _compat.warn_unrecognised("safe_gthread.Worker's retirement",
@@ -48,3 +109,165 @@ class Worker(_Retirement, ThreadWorker):
             log.info("safe-gthread %s on gunicorn %s (Python %s): %s.", __version__,
                      _compat.GUNICORN_VERSION, _compat.PYTHON_VERSION,
                      "; ".join(_compat.protections()))
+        log.info("safe-gthread settings: %s; retirements wait for a ready successor: %s.",
+                 settings.describe(), "yes" if _schedule.installed() else "no")
+
+    def __init__(self, *args, **kwargs):
+        # In the arbiter, before fork. gunicorn has drawn max_requests + jitter: keep it
+        # as our trigger, and give gunicorn's own check (``handle_request``: stop at
+        # once) a limit it never reaches while the arbiter schedules retirements.
+        super(Worker, self).__init__(*args, **kwargs)
+        if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
+                and self.max_requests < sys.maxsize):
+            self._safe_retire_after = self.max_requests
+            self.max_requests = sys.maxsize
+
+    # -- after fork ------------------------------------------------------------------
+    def init_process(self):
+        _schedule.close_siblings(self.tmp)
+        self._safe_lock = threading.Lock()
+        self._safe_born = time.monotonic()
+        self._safe_reason = None
+        self._safe_requested_at = None
+        self._safe_fallback_at = None
+        self._safe_stopped_by = None
+        self._safe_drain_started = None
+        self._safe_sampler = None
+        try:
+            settings = _settings.current()
+        except _settings.SettingsError:
+            settings = None  # the arbiter refused to boot with it; never here
+        self._safe_settings = settings
+        lifetime = lifetime_for(self.age, settings.max_worker_lifetime if settings else 0)
+        self._safe_lifetime_at = None if lifetime is None else self._safe_born + lifetime
+        timeout = getattr(self.cfg, "timeout", 0) or DEFAULT_HANDOFF_WAIT
+        self._safe_handoff_wait = float(timeout)
+        return super(Worker, self).init_process()
+
+    def run(self):
+        # Booted: app loaded, post_worker_init run, about to enter the loop.
+        _schedule.send(self, _schedule.READY)
+        self._start_memory_sampler()
+        try:
+            return super(Worker, self).run()
+        finally:
+            sampler = self._safe_sampler
+            if sampler is not None:
+                sampler.set()
+            self._log_retirement()
+
+    # -- triggers ----------------------------------------------------------------------
+    def notify(self):
+        super(Worker, self).notify()
+        # Every loop iteration calls notify: integer and clock comparisons only.
+        if not self.alive:
+            return  # stopping already (our retirement, HUP, TERM): nothing to ask for
+        if self._safe_reason is None:
+            if self._safe_retire_after is not None and self.nr >= self._safe_retire_after:
+                self._retire("max_requests")
+            elif self._safe_lifetime_at is not None and time.monotonic() >= self._safe_lifetime_at:
+                self._retire("max_worker_lifetime")
+        elif (self._safe_fallback_at is not None
+              and time.monotonic() >= self._safe_fallback_at):
+            self.log.info("safe-gthread: no successor ready %.0fs after worker %s asked "
+                          "(%s): retiring without one", self._safe_handoff_wait, self.pid,
+                          self._safe_reason)
+            self._safe_stopped_by = "fallback"
+            self.alive = False
+
+    def _retire(self, reason, now_=False):
+        """Ask the arbiter for a successor; ``now_``: stop accepting at once too."""
+        with self._safe_lock:
+            first = self._safe_reason is None
+            if first:
+                self._safe_reason = reason
+                self._safe_requested_at = time.monotonic()
+                self._safe_fallback_at = self._safe_requested_at + self._safe_handoff_wait
+            elif not now_:
+                return
+            if now_:
+                self._safe_stopped_by = "limit"
+                self._safe_fallback_at = None
+                self.alive = False
+            kind = _schedule.LEAVING if now_ else _schedule.RETIRE
+            if not _schedule.send(self, kind, reason) and not now_:
+                # No scheduler to hand off to: retire the stock way.
+                self._safe_stopped_by = "fallback"
+                self.alive = False
+
+    def _start_memory_sampler(self):
+        settings = self._safe_settings
+        limit = settings.max_worker_memory if settings else 0
+        if not limit:
+            return
+        rss = read_rss()
+        if rss is None:
+            self.log.warning("safe-gthread: cannot read this process's RSS "
+                             "(/proc/self/statm): max_worker_memory is off")
+            return
+        if rss >= limit:
+            self.log.error("safe-gthread: max_worker_memory (%s) is below worker %s's RSS "
+                           "right after boot (%s): the limit is off for it",
+                           fmt_mib(limit), self.pid, fmt_mib(rss))
+            return
+        stop = self._safe_sampler = threading.Event()
+        thread = threading.Thread(target=self._sample_memory, args=(stop, limit),
+                                  name="safe-gthread-rss")
+        thread.daemon = True
+        thread.start()
+
+    def _sample_memory(self, stop, limit):
+        soft = int(limit * MEMORY_SOFT_SHARE)
+        close = int(limit * MEMORY_CLOSE_SHARE)
+        interval, previous = MEMORY_SAMPLE_INTERVAL, None
+        while not stop.wait(interval):
+            if not self.alive:
+                return  # stopping anyway: nothing more to decide
+            rss = read_rss()
+            if rss is None:
+                continue
+            # Growth since the last sample: a worker that would cross the limit before
+            # the next two samples stops now (a fast leak), not once it is over.
+            growth = 0 if previous is None else max(rss - previous, 0)
+            previous = rss
+            if rss >= limit or (rss >= soft and rss + 2 * growth >= limit):
+                self.log.info("safe-gthread: worker %s at %s (+%s since the last sample), "
+                              "max_worker_memory %s: it stops accepting now", self.pid,
+                              fmt_mib(rss), fmt_mib(growth), fmt_mib(limit))
+                self._retire("max_worker_memory", now_=True)
+                return
+            if rss >= soft and self._safe_reason is None:
+                self._retire("max_worker_memory")
+            interval = MEMORY_CLOSE_INTERVAL if rss >= close else MEMORY_SAMPLE_INTERVAL
+
+    # -- visibility --------------------------------------------------------------------
+    def _log_retirement(self):
+        reason = self._safe_reason
+        if reason is None:
+            return  # stopped by the arbiter (HUP, TTOU, TERM): not a retirement of ours
+        now = time.monotonic()
+        drain_started = self._safe_drain_started
+        requested = self._safe_requested_at
+        wait = None if drain_started is None else max(drain_started - requested, 0.0)
+        drain = None if drain_started is None else now - drain_started
+        how = {"fallback": "no successor ready in time",
+               "limit": "stopped at once at the limit"}.get(self._safe_stopped_by,
+                                                            "successor ready")
+        self.log.info(
+            "Worker retired (pid: %s, reason: %s): %s requests, RSS %s, age %.1fs, "
+            "%s after %s, drained in %s",
+            self.pid, reason, self.nr, fmt_mib(read_rss()), now - self._safe_born, how,
+            "n/a" if wait is None else "%.2fs" % wait,
+            "n/a" if drain is None else "%.2fs" % drain)
+        if getattr(self.cfg, "statsd_host", None):
+            # gunicorn's statsd logger sends a metric for any log call that carries one,
+            # and logs nothing when the message is empty; timers go out as "|ms".
+            self.log.info("", extra={"metric": "safe_gthread.retirements.%s" % reason,
+                                     "value": 1, "mtype": "counter"})
+            for name, seconds in (("handoff_wait", wait), ("drain", drain)):
+                if seconds is not None:
+                    # Whole milliseconds, rounded up: gunicorn drops a metric whose value
+                    # is 0 (``if metric and value and typ``).
+                    self.log.info("", extra={"metric": "safe_gthread.%s" % name,
+                                             "value": max(int(math.ceil(seconds * 1000)), 1),
+                                             "mtype": _compat.STATSD_TIMER_TYPE})

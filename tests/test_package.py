@@ -13,7 +13,7 @@ def test_tests_run_against_the_installed_package_not_the_source_tree():
 
 
 def test_public_names():
-    assert sorted(safe_gthread.__all__) == ["Worker", "__version__", "guard"]
+    assert sorted(safe_gthread.__all__) == ["Worker", "__version__", "configure", "guard"]
     assert sorted(safe_gthread.guard.__all__) == ["install", "installed", "uninstall"]
     assert callable(safe_gthread.guard.install) and callable(safe_gthread.guard.uninstall)
 

@@ -3,7 +3,7 @@ successor early.
 
 This module is tied to one gunicorn generation and should never need to change.
 """
-from .. import _handoff
+from .. import _schedule
 from ._common import AnswerPipelinedWhileRetiring
 
 
@@ -21,4 +21,4 @@ class Retirement(AnswerPipelinedWhileRetiring):
             self._retirement_started()
 
     def _retirement_started(self):
-        _handoff.announce_retirement(self)
+        _schedule.stopped_accepting(self)

@@ -7,7 +7,7 @@ import time
 from concurrent import futures
 from functools import partial
 
-from .. import _compat, _handoff
+from .. import _compat, _schedule
 from ._common import RETIRE_LINGER, AnswerPipelinedWhileRetiring, close_gracefully
 
 
@@ -60,7 +60,7 @@ class Retirement(AnswerPipelinedWhileRetiring):
         # From now on a response says "Connection: close" unless a request is already
         # buffered behind it (also when the loop ended because the parent is gone).
         self._stop_keeping_alive()
-        _handoff.announce_retirement(self)
+        _schedule.stopped_accepting(self)
 
     def handle(self, conn):
         result = super(Retirement, self).handle(conn)

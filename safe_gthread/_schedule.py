@@ -1,0 +1,398 @@
+"""The arbiter schedules retirements: a worker that must retire keeps serving until its
+successor is ready.
+
+Stock gunicorn forks a replacement only after the old worker has exited, so a worker
+slot stays empty for the whole drain plus the successor's boot (benoitc/gunicorn#2422,
+#3199): under ``max_requests`` churn with an app that takes a second to import, that is
+40 % of the capacity. Here:
+
+1. A worker that reaches a trigger (``max_requests`` + jitter, ``max_worker_memory``,
+   ``max_worker_lifetime``; ``safe_gthread._worker``) writes "retire me (reason)" at
+   the start of its heartbeat file, wakes the arbiter with SIGCHLD, and **keeps
+   serving**.
+2. The arbiter queues the request. While fewer than ``max_retiring`` retirements are in
+   flight, it forks a successor for the first in the queue (so worker processes stay
+   within ``workers .. workers + max_retiring``).
+3. The successor writes "ready" in its own heartbeat file once booted (app loaded, ``post_worker_init`` run, entering
+   its loop); the arbiter then sends the old worker SIGTERM: gunicorn's graceful stop,
+   which our retirement (``safe_gthread._retire``) makes lose nothing.
+4. If no successor is ready within gunicorn's ``timeout``, the old worker retires
+   itself the stock way. A worker over ``max_worker_memory`` does not wait: it stops
+   accepting at once (LEAVING) and gets its successor as soon as a slot is free.
+
+While its successor exists, the old worker is left out of what gunicorn's own
+``manage_workers`` counts (``_Discounted``), so gunicorn neither spawns for it nor TERMs
+the oldest worker to get back to ``workers``. The view is only ever seen by the
+arbiter's main thread inside that call: ``spawn_worker`` runs with the real
+``WORKERS`` (a fork closes every sibling's heartbeat file, gunicorn >= 19.9), and other
+threads (gunicorn >= 25's control socket, ``show workers``) always see every worker.
+
+The channel is each worker's heartbeat file (gunicorn's ``WorkerTmp``, opened by the
+arbiter before fork and shared with the worker; the heartbeat itself only changes its
+timestamps): ``os.pwrite`` at offset 0 in the worker, ``os.pread`` in the arbiter. So a
+worker holds no extra fd at all (issue 10: safe workers held more fds than stock ones),
+and a state belongs to a worker object, never to a pid: a pid reaped and reused is a
+new ``WORKERS`` entry with a new file. The bookkeeping still checks each entry's
+``age`` (gunicorn's spawn counter) against ``WORKERS[pid].age``. HUP, TTIN, TTOU and stops are never turned into handoffs: HUP forgets every
+pending retirement, and the workers it replaces are gunicorn's to stop.
+
+gunicorn reaps in its SIGCHLD handler up to 23.x (19.x - 23.x run ``reap_workers`` in the
+handler, which can interrupt ``manage_workers``); from 24.0 the handler only queues the
+signal for the main loop. Either way the view never pops anything: lookups, stores and
+removals reach the real dict.
+"""
+import collections
+import logging
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import MutableMapping
+
+from gunicorn import arbiter as gunicorn_arbiter
+
+from . import _patch, _settings
+
+KEY = "safe_gthread.schedule"
+
+#: What a worker writes at the start of its heartbeat file: a magic, "ready", what it
+#: wants (0 nothing, RETIRE, LEAVING) and why (an index in REASONS).
+_STATE = struct.Struct("=2sBBB")
+_MAGIC = b"sg"
+RETIRE, LEAVING, READY = 1, 2, 3
+REASONS = ("", "max_requests", "max_worker_memory", "max_worker_lifetime")
+
+_log = logging.getLogger("gunicorn.error")
+_lock = threading.RLock()
+_state = {}  # "scheduler": _Scheduler (arbiter); "mine": [ready, want, reason] (worker)
+
+
+class _Retirement(object):
+    """One worker that asked to retire, in the arbiter."""
+
+    __slots__ = ("pid", "age", "reason", "leaving", "since", "successor",
+                 "successor_age", "spawned_at", "termed")
+
+    def __init__(self, pid, age, reason, leaving, now):
+        self.pid = pid
+        self.age = age
+        self.reason = reason
+        self.leaving = leaving
+        self.since = now
+        self.successor = None
+        self.successor_age = None
+        self.spawned_at = None
+        self.termed = False
+
+
+def _same(workers, pid, age):
+    """True while ``pid`` in ``workers`` is still the worker of generation ``age``."""
+    worker = workers.get(pid)
+    return worker is not None and getattr(worker, "age", None) == age
+
+
+class _Scheduler(object):
+    """The arbiter's bookkeeping. Only the arbiter's main thread calls it."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.queue = collections.OrderedDict()  # pid -> _Retirement, waiting for a slot
+        self.handoffs = {}  # old pid -> _Retirement with a successor (or leaving)
+        self.reload_age = 0  # workers of this age or older belong to a HUP: not ours
+        self.spawning_for = None
+
+    # -- messages --------------------------------------------------------------------
+    def receive(self, arbiter, messages):
+        workers = arbiter.WORKERS
+        now = self.clock()
+        for kind, reason, pid, age in messages:
+            if not _same(workers, pid, age):
+                continue  # gone, or its pid reused by a newer worker
+            if kind == READY:
+                self._successor_ready(arbiter, pid, age, now)
+                continue
+            if kind not in (RETIRE, LEAVING) or age <= self.reload_age:
+                continue
+            leaving = kind == LEAVING
+            rec = self.handoffs.get(pid) or self.queue.get(pid)
+            if rec is None:
+                rec = _Retirement(pid, age, REASONS[reason] if reason < len(REASONS) else "?",
+                                  leaving, now)
+                self.queue[pid] = rec
+            if leaving:
+                rec.leaving = True
+                if pid in self.queue:  # it has stopped accepting: its slot is empty now
+                    self.queue.move_to_end(pid, last=False)
+
+    def _successor_ready(self, arbiter, pid, age, now):
+        for rec in self.handoffs.values():
+            if rec.successor == pid and rec.successor_age == age and not rec.termed:
+                rec.termed = True
+                _log.debug("safe-gthread: worker %s ready after %.2fs; retiring worker %s "
+                           "(%s)", pid, now - rec.spawned_at, rec.pid, rec.reason)
+                if not rec.leaving:
+                    try:
+                        os.kill(rec.pid, signal.SIGTERM)
+                    except OSError:
+                        pass  # already gone: the reap forgets it
+                return
+
+    # -- every manage_workers ----------------------------------------------------------
+    def prune(self, arbiter):
+        workers = arbiter.WORKERS
+        for pid, rec in list(self.queue.items()):
+            if not _same(workers, pid, rec.age):
+                del self.queue[pid]
+        for pid, rec in list(self.handoffs.items()):
+            if not _same(workers, pid, rec.age):
+                del self.handoffs[pid]  # the old worker has left: retirement done
+            elif not rec.termed and not rec.leaving and not _same(
+                    workers, rec.successor, rec.successor_age):
+                # The successor died before it was ready (a crash; a boot error halts
+                # the arbiter, as stock): forget the pairing. The old worker keeps
+                # serving; its request still stands in its heartbeat file, so it queues
+                # again, and it retires itself after ``timeout`` at the latest.
+                _log.warning("safe-gthread: successor %s of worker %s exited before it "
+                             "was ready", rec.successor, pid)
+                del self.handoffs[pid]
+
+    def spawn_successors(self, arbiter, max_retiring):
+        workers = arbiter.WORKERS
+        while self.queue and len(self.handoffs) < max_retiring:
+            counted = len(workers) - len(self.handoffs)
+            if len(workers) >= arbiter.num_workers + max_retiring or counted > arbiter.num_workers:
+                break
+            pid, rec = self.queue.popitem(last=False)
+            before = set(workers)
+            self.spawning_for = pid
+            try:
+                arbiter.spawn_worker()
+            finally:
+                self.spawning_for = None
+            born = [new for new in workers if new not in before]
+            if not born:
+                self.queue[pid] = rec
+                self.queue.move_to_end(pid, last=False)
+                break
+            rec.successor = born[0]
+            rec.successor_age = getattr(workers[born[0]], "age", None)
+            rec.spawned_at = self.clock()
+            self.handoffs[pid] = rec
+            _log.debug("safe-gthread: worker %s retiring (%s): successor %s", pid,
+                       rec.reason, rec.successor)
+
+    def discounted(self):
+        return frozenset(self.handoffs)
+
+    def forget_all(self, arbiter):
+        """HUP: every worker now running is gunicorn's to replace, not ours."""
+        self.queue.clear()
+        self.handoffs.clear()
+        self.reload_age = getattr(arbiter, "worker_age", 0)
+
+    def retiring(self):
+        return set(self.queue) | set(self.handoffs)
+
+
+class _Discounted(MutableMapping):
+    """``Arbiter.WORKERS`` as manage_workers should count it: workers whose successor
+    exists left out, for the arbiter's main thread only (other threads see them all).
+
+    Counting and iterating skip them; lookups, stores and removals (reaping, spawning,
+    killing) reach the real dict, so a worker reaped meanwhile is really gone.
+    """
+
+    def __init__(self, workers, hidden, thread_ident=None):
+        self._workers = workers
+        self._hidden = frozenset(hidden)
+        self._ident = threading.get_ident() if thread_ident is None else thread_ident
+
+    def _hiding(self):
+        return self._hidden and threading.get_ident() == self._ident
+
+    def __getitem__(self, pid):
+        return self._workers[pid]
+
+    def __setitem__(self, pid, worker):
+        self._workers[pid] = worker
+
+    def __delitem__(self, pid):
+        del self._workers[pid]
+
+    def __contains__(self, pid):
+        return pid in self._workers
+
+    def __iter__(self):
+        pids = list(self._workers)
+        if not self._hiding():
+            return iter(pids)
+        return iter([pid for pid in pids if pid not in self._hidden])
+
+    def __len__(self):
+        if not self._hiding():
+            return len(self._workers)
+        return len(self._workers) - len(self._hidden.intersection(list(self._workers)))
+
+
+def _read(workers):
+    """(kind, reason, pid, age) for what every worker's heartbeat file says now."""
+    messages = []
+    for pid, worker in list(workers.items()):
+        try:
+            data = os.pread(worker.tmp.fileno(), _STATE.size, 0)
+        except (AttributeError, OSError, ValueError):
+            continue  # closed meanwhile (reaped), or not a gunicorn worker object
+        if len(data) != _STATE.size:
+            continue
+        magic, ready, want, reason = _STATE.unpack(data)
+        if magic != _MAGIC:
+            continue
+        age = getattr(worker, "age", None)
+        if ready:
+            messages.append((READY, 0, pid, age))
+        if want in (RETIRE, LEAVING):
+            messages.append((want, reason, pid, age))
+    return messages
+
+
+def _real(workers):
+    return workers._workers if isinstance(workers, _Discounted) else workers
+
+
+# -- the patches (arbiter side) -------------------------------------------------------
+def _manage_workers(original, self, *args, **kwargs):
+    scheduler = _state.get("scheduler")
+    if scheduler is None or isinstance(self.WORKERS, _Discounted):
+        return original(self, *args, **kwargs)
+    try:
+        max_retiring = _settings.current().max_retiring
+    except _settings.SettingsError:
+        max_retiring = 1
+    scheduler.receive(self, _read(_real(self.WORKERS)))
+    scheduler.prune(self)
+    scheduler.spawn_successors(self, max_retiring)
+    hidden = scheduler.discounted()
+    if not hidden:
+        return original(self, *args, **kwargs)
+    workers = self.WORKERS
+    self.WORKERS = _Discounted(workers, hidden)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        self.WORKERS = workers
+
+
+def _spawn_worker(original, self, *args, **kwargs):
+    # The child closes every sibling's heartbeat file it finds in WORKERS (gunicorn >=
+    # 19.9): it must find them all, so the fork runs with the real dict. Before 19.9 the
+    # child closes none: it finds them in ``_state["siblings"]`` (``close_siblings``).
+    view = self.WORKERS
+    real = _real(view)
+    _state["siblings"] = [getattr(worker, "tmp", None) for worker in list(real.values())]
+    self.WORKERS = real
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        self.WORKERS = view
+        _state.pop("siblings", None)
+
+
+def close_siblings(own_tmp):
+    """In a new worker: close the heartbeat files of the siblings it was forked beside
+    (gunicorn < 19.9 leaves them open in every worker for its whole life)."""
+    for tmp in _state.pop("siblings", None) or ():
+        if tmp is not None and tmp is not own_tmp:
+            try:
+                tmp.close()
+            except (OSError, ValueError):
+                pass
+
+
+def _reload(original, self, *args, **kwargs):
+    scheduler = _state.get("scheduler")
+    if scheduler is not None:
+        scheduler.forget_all(self)
+    return original(self, *args, **kwargs)
+
+
+_PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
+            ("reload", _reload))
+
+
+def install():
+    """In the arbiter: open the message channel and patch the arbiter (idempotent).
+    False when already installed or when the arbiter's shape is not recognised."""
+    Arbiter = gunicorn_arbiter.Arbiter
+    with _lock:
+        if _state:
+            return False
+        missing = [name for name, _ in _PATCHES if not callable(getattr(Arbiter, name, None))]
+        if missing:
+            from . import _compat
+            _compat.warn_unrecognised("safe_gthread's retirement scheduler",
+                                      ["Arbiter.%s" % name for name in missing], _log)
+            return False
+        _state["scheduler"] = _Scheduler()
+        for name, impl in _PATCHES:
+            _patch.wrap(Arbiter, name, impl, key=KEY)
+        return True
+
+
+def uninstall():
+    """Remove our arbiter patches; False if not installed."""
+    with _lock:
+        if not _state:
+            return False
+        for name, _ in _PATCHES:
+            _patch.unwrap(gunicorn_arbiter.Arbiter, name, key=KEY)
+        _state.clear()
+        return True
+
+
+def installed():
+    return bool(_state)
+
+
+# -- for other parts of safe-gthread (arbiter side) -------------------------------------
+def predecessor_of_spawn():
+    """In the arbiter, during a ``spawn_worker`` we started: the pid of the worker the
+    new one replaces; None otherwise."""
+    scheduler = _state.get("scheduler")
+    return scheduler.spawning_for if scheduler is not None else None
+
+
+def retiring_pids():
+    """In the arbiter: the pids of workers that asked to retire and have not left yet."""
+    scheduler = _state.get("scheduler")
+    return scheduler.retiring() if scheduler is not None else set()
+
+
+# -- worker side -----------------------------------------------------------------------
+def send(worker, kind, reason=""):
+    """In a worker: tell the arbiter (``worker.ppid``) we are READY, or want to RETIRE
+    (keep serving) or are LEAVING (stopped accepting). False when that is not possible
+    (no scheduler in this arbiter, no heartbeat file, a gone parent): the caller falls
+    back to the stock way."""
+    if "scheduler" not in _state and "mine" not in _state:
+        return False
+    mine = _state.setdefault("mine", [0, 0, 0])
+    if kind == READY:
+        mine[0] = 1
+    else:
+        mine[1] = max(mine[1], kind)
+        mine[2] = REASONS.index(reason) if reason in REASONS else 0
+    try:
+        os.pwrite(worker.tmp.fileno(), _STATE.pack(_MAGIC, *mine), 0)
+        os.kill(worker.ppid, signal.SIGCHLD)
+    except (AttributeError, OSError, ValueError, struct.error):
+        return False
+    return True
+
+
+def stopped_accepting(worker):
+    """Called by the retirement mixins (``_retire``) when the loop stops accepting:
+    the drain starts now (for the retirement log line)."""
+    started = getattr(worker, "_safe_drain_started", False)
+    if started is None:
+        worker._safe_drain_started = time.monotonic()
