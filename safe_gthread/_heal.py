@@ -38,30 +38,24 @@ import re
 import stat
 import time
 
+from . import _settings
+
 #: Environment variable: ``0`` turns healing off (no backup link, no checks).
 ENV_HEAL = "SAFE_GTHREAD_HEAL"
 #: Seconds between two checks of the owned paths while the arbiter sleeps.
 INTERVAL = 0.2
 BACKUP_SUFFIX = ".sg-backup"
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
 #: Set by ``safe_gthread.configure(heal=...)``; None: the environment decides.
 _configured = {"heal": None}
 
 
 def parse_heal(value):
-    """``SAFE_GTHREAD_HEAL``'s value as a bool (unset or empty: on); ValueError if bad."""
+    """``SAFE_GTHREAD_HEAL``'s value as a bool (unset or empty: on); ValueError
+    (``_settings.SettingsError``) if bad."""
     if value is None or value.strip() == "":
         return True
-    text = value.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError("%s=%r: expected 1 or 0 (true/false, yes/no, on/off)"
-                     % (ENV_HEAL, value))
+    return _settings.parse_bool(ENV_HEAL, value)
 
 
 def enabled(environ=os.environ):

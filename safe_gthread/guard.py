@@ -40,7 +40,6 @@ loop (``manage_workers``, its wait, ``stop``) are wrapped.
 """
 import errno
 import json
-import logging
 import os
 import select
 import socket
@@ -53,7 +52,7 @@ import time
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 
-from . import _compat, _heal, _patch, _unixdiag
+from . import _compat, _heal, _patch, _settings, _unixdiag
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -685,8 +684,7 @@ def install(log=None):
         try:
             _heal.parse_heal(os.environ.get(_heal.ENV_HEAL))
         except ValueError as exc:
-            (log or logging.getLogger("gunicorn.error")).error("%s", exc)
-            raise SystemExit(1)
+            _settings.fail(str(exc), log)  # one line, exit 1, as for any bad setting
         missing = []
         for namespace, name, impl in _targets():
             if _patch.wrap(namespace, name, impl, key=PATCH_KEY):
