@@ -5,7 +5,6 @@ import os
 import threading
 import time
 
-import pytest
 
 from safe_gthread.check import load as _load, procs as _procs
 from versions import STOCK_WORKERS_UNLINK
