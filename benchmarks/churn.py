@@ -205,7 +205,7 @@ def goodput(args, versions, wheel):
                 ratios = [rate(c) / rate(n) for c, n in zip(figs[(worker, 600)], figs[(worker, 0)])
                           if rate(n)]
                 churn = figs[(worker, 600)]
-                rows.append((version, boot, worker, spread(ratios),
+                rows.append((version, "%ss" % boot, worker, spread(ratios),
                              spread([rate(f) for f in churn]),
                              spread([rate(f) for f in figs[(worker, 0)]]),
                              spread([cpu_per_1000(f) for f in churn]),
@@ -213,11 +213,10 @@ def goodput(args, versions, wheel):
                              sum(f["restarts"] for f in churn),
                              "%s..%s" % (min(f["fewest_ready"] for f in churn),
                                          max(f["most"] for f in churn))))
-    print("\n| gunicorn | boot | worker | churn / no-restart goodput | req/s churn | "
-          "req/s no restart | CPU s per 1,000 (churn) | failed | restarts | booted..processes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| %s | %ss | %s | %s | %s | %s | %s | %d | %d | %s |" % row)
+    print()
+    _run.print_table(("gunicorn", "boot", "worker", "churn / no-restart goodput", "req/s churn",
+                      "req/s no restart", "CPU s per 1,000 (churn)", "failed", "restarts",
+                      "booted..processes"), rows)
 
 
 def cpu(args, versions, wheel):
@@ -240,11 +239,9 @@ def cpu(args, versions, wheel):
                      spread([cpu_per_1000(f) for f in figs["stock"]]),
                      spread([cpu_per_1000(f) for f in figs["safe"]]),
                      sum(f["failed"] for f in figs["stock"]), sum(f["failed"] for f in figs["safe"])))
-    print("\n| gunicorn | safe / stock req/s | stock req/s | safe req/s | stock CPU s/1000 | "
-          "safe CPU s/1000 | stock failed | safe failed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| %s | %s | %s | %s | %s | %s | %d | %d |" % row)
+    print()
+    _run.print_table(("gunicorn", "safe / stock req/s", "stock req/s", "safe req/s",
+                      "stock CPU s/1000", "safe CPU s/1000", "stock failed", "safe failed"), rows)
 
 
 def memory(args, versions, wheel):

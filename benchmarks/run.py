@@ -190,6 +190,14 @@ def summarize(records):
     return cells
 
 
+def print_table(columns, rows):
+    """A markdown table on stdout: the header, its rule, one line per row."""
+    print("| %s |" % " | ".join(columns))
+    print("|%s|" % "|".join("---" for _ in columns))
+    for row in rows:
+        print("| %s |" % " | ".join(str(cell) for cell in row))
+
+
 def _fmt(value, pattern="%.0f", none="-"):
     return none if value is None else pattern % value
 

@@ -57,12 +57,18 @@ def healer_for(path, sock, log=None):
 
 # -- _unixdiag -----------------------------------------------------------------------------
 
-def test_the_kernel_names_the_bound_file(tmp_path, sockets):
-    path = str(tmp_path / "s.sock")
-    sock = sockets(path)
+def kernel_bound_file(sock):
+    """The file the kernel says `sock` is bound to; skips where unix_diag is missing."""
     bound = _unixdiag.bound_file(sock.fileno())
     if bound is None:
         pytest.skip("netlink unix_diag is not available on this kernel")
+    return bound
+
+
+def test_the_kernel_names_the_bound_file(tmp_path, sockets):
+    path = str(tmp_path / "s.sock")
+    sock = sockets(path)
+    bound = kernel_bound_file(sock)
     assert _unixdiag.same_file(bound, os.lstat(path))
     # The path unlinked and reused by another server's socket: no longer the same file.
     os.unlink(path)
@@ -73,8 +79,7 @@ def test_the_kernel_names_the_bound_file(tmp_path, sockets):
 def test_the_kernel_sees_through_a_hard_link(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sock = sockets(path)
-    if _unixdiag.bound_file(sock.fileno()) is None:
-        pytest.skip("netlink unix_diag is not available on this kernel")
+    kernel_bound_file(sock)
     os.link(path, str(tmp_path / "backup"))
     os.unlink(path)
     os.link(str(tmp_path / "backup"), path)
@@ -373,9 +378,7 @@ def test_no_backup_possible_is_one_warning(tmp_path, sockets):
 def test_adoption_decision(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sock = sockets(path)
-    bound = _unixdiag.bound_file(sock.fileno())
-    if bound is None:
-        pytest.skip("netlink unix_diag is not available on this kernel")
+    bound = kernel_bound_file(sock)
     assert guard.adoption_decision(bound, os.lstat(path)) == (True, "")
     assert guard.adoption_decision(None, os.lstat(path))[0] is False
     assert guard.adoption_decision(bound, None) == (False, "the path is already gone")
@@ -514,8 +517,7 @@ def test_the_check_adopts_a_listener_bound_before_the_guard(tmp_path, sockets,
                                                             fresh_guard_state):
     path = str(tmp_path / "s.sock")
     sock = sockets(path)
-    if _unixdiag.bound_file(sock.fileno()) is None:
-        pytest.skip("netlink unix_diag is not available on this kernel")
+    kernel_bound_file(sock)
     arbiter = FakeArbiter([Listener(sock)])
     try:
         guard._check_paths(arbiter)
