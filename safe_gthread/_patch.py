@@ -140,6 +140,23 @@ def is_wrapped(owner, name, key="safe_gthread"):
     return (id(owner), name, key) in _layers
 
 
+def in_effect(owner, name, key="safe_gthread"):
+    """True while a call to ``owner.name`` goes through our layer ``key``: the layer is
+    installed and ``owner.name`` is its wrapper or wraps it (``__wrapped__``). False once
+    something replaced it outright (a test's mock, a plain assignment by other code)."""
+    layer = _layers.get((id(owner), name, key))
+    if layer is None or not layer.active:
+        return False
+    current = _raw(owner, name)[0]
+    for _ in range(32):  # a chain of wrappers is short; a cycle must not hang the arbiter
+        if current is None:
+            return False
+        if current is layer.wrapper:
+            return True
+        current = getattr(getattr(current, "__func__", current), "__wrapped__", None)
+    return False
+
+
 def original(owner, name, key="safe_gthread"):
     """What ``owner.name`` was before our layer ``key`` (or the current value), as stored
     (a staticmethod or classmethod object for those)."""

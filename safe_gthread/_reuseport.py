@@ -125,7 +125,10 @@ def slots_to_close(slots, workers, num_workers, address=None):
 def applies(cfg):
     """True when this gunicorn and these settings make each worker bind its own TCP
     listeners with SO_REUSEPORT: the case the slots are for."""
-    if not (_compat.REUSE_PORT_BINDS_IN_WORKERS and hasattr(socket, "SO_REUSEPORT")):
+    # The socket module gunicorn's arbiter tests SO_REUSEPORT on (27.0.1 binds in the
+    # arbiter without it), so the answer is gunicorn's even where a test removed it.
+    arbiter_socket = getattr(gunicorn_arbiter, "socket", socket)
+    if not (_compat.REUSE_PORT_BINDS_IN_WORKERS and hasattr(arbiter_socket, "SO_REUSEPORT")):
         return False
     if not getattr(cfg, "reuse_port", False):
         return False
@@ -202,7 +205,7 @@ def _spawn_worker(original, arbiter, *args, **kwargs):
     cfg = arbiter.cfg
     if not applies(cfg):
         return original(arbiter, *args, **kwargs)
-    if not _compat.CREATE_SOCKETS_TAKES_FDS or not _patch.is_wrapped(
+    if not _compat.CREATE_SOCKETS_TAKES_FDS or not _patch.in_effect(
             gunicorn_sock, "create_sockets", PATCH_KEY):
         _announce(arbiter, False)
         return original(arbiter, *args, **kwargs)

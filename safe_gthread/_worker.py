@@ -87,6 +87,12 @@ class Worker(_Retirement, ThreadWorker):
     _safe_reason = None
     _safe_drain_started = False
     _safe_settings = None
+    _safe_sampler = None
+    _safe_lifetime_at = None
+    _safe_requested_at = None
+    _safe_fallback_at = None
+    _safe_stopped_by = None
+    _safe_handoff_wait = DEFAULT_HANDOFF_WAIT
 
     @classmethod
     def setup(cls):
@@ -117,6 +123,10 @@ class Worker(_Retirement, ThreadWorker):
         # as our trigger, and give gunicorn's own check (``handle_request``: stop at
         # once) a limit it never reaches while the arbiter schedules retirements.
         super(Worker, self).__init__(*args, **kwargs)
+        # Also here, not only after fork: gunicorn's own tests drive a worker's notify()
+        # and run() without init_process (tests/test_upstream.py).
+        self._safe_lock = threading.Lock()
+        self._safe_born = time.monotonic()
         if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests

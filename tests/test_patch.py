@@ -4,7 +4,9 @@ In-process, on throwaway classes and modules, so that nothing here touches gunic
 the guard's own wrappers are checked at the end for what the registry promises its
 callers (every argument passes through).
 """
+import functools
 import types
+from unittest import mock
 
 import pytest
 
@@ -279,3 +281,36 @@ def test_a_wrapper_that_takes_anything_is_wrapped(module):
 
     module.close_sockets = close_sockets
     assert _patch.wrap(module, "close_sockets", guard._close_sockets, key=KEY) is True
+
+
+# -- in effect: is a call still going through our layer? ------------------------------------
+
+def test_in_effect_follows_what_callers_get(module):
+    _, impl = _calls()
+    assert not _patch.in_effect(module, "close_sockets", KEY)  # not installed
+    _patch.wrap(module, "close_sockets", impl, key=KEY)
+    ours = module.close_sockets
+    assert _patch.in_effect(module, "close_sockets", KEY)
+
+    @functools.wraps(ours)
+    def theirs(*args, **kwargs):  # someone wrapped over us: calls still reach our layer
+        return ours(*args, **kwargs)
+    module.close_sockets = theirs
+    assert _patch.in_effect(module, "close_sockets", KEY)
+
+    # Replaced outright (gunicorn's own tests: mock.patch("gunicorn.sock.create_sockets")):
+    # registered still, but no call reaches it.
+    with mock.patch.object(module, "close_sockets"):
+        assert _patch.is_wrapped(module, "close_sockets", KEY)
+        assert not _patch.in_effect(module, "close_sockets", KEY)
+    assert _patch.in_effect(module, "close_sockets", KEY)
+
+    module.close_sockets = ours
+    _patch.unwrap(module, "close_sockets", KEY)
+    assert not _patch.in_effect(module, "close_sockets", KEY)
+
+
+def test_in_effect_for_a_staticmethod(klass):
+    _, impl = _calls()
+    _patch.wrap(klass, "static", impl, key=KEY)
+    assert _patch.in_effect(klass, "static", KEY)

@@ -56,6 +56,19 @@ EXPECTED_FAILURES = {
         "deliberate: the safe worker's stop loop wakes at least once a second and "
         "notifies the arbiter each time, so a long linger never trips the worker timeout; "
         "the test counts 27.0.0's exact notify calls (3, here 5)"),
+    # gunicorn#3821's tests: a worker at max_requests stops at once and says
+    # "Connection: close" on that very response. The safe worker asks the arbiter for a
+    # successor and serves on until it is ready (benoitc/gunicorn#2422, the scheduler),
+    # then retires through the same stop path: the next request on a kept-alive
+    # connection is still answered, as these tests want, only later.
+    "test_gthread_keepalive_shutdown.py::test_next_request_served_after_worker_stops": (
+        True,
+        "deliberate: at max_requests the safe worker keeps serving (keep-alive) until its "
+        "successor is ready instead of stopping at once (safe_gthread/_schedule.py)"),
+    "test_gthread_keepalive_shutdown.py::test_idle_connection_served_after_worker_stops": (
+        True,
+        "deliberate: at max_requests the safe worker keeps serving (keep-alive) until its "
+        "successor is ready instead of stopping at once (safe_gthread/_schedule.py)"),
 }
 
 
@@ -164,4 +177,4 @@ def test_gunicorn_own_tests_pass_with_the_safe_worker(upstream, filename):
         gunicorn.__version__, filename, ", ".join("%d %s" % (n, k) for k, n in counts.items())))
     failed = sorted(name for name, outcome in mine.items() if outcome == "failed")
     assert not failed, "%s\n%s" % (failed, output)
-    assert counts["passed"] > 0, output
+    assert counts["passed"] + counts["xfailed"] > 0, output  # the file ran
