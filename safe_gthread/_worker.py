@@ -39,6 +39,11 @@ LIFETIME_SPREAD = 0.1
 #: How long a worker waits for its successor when gunicorn's ``timeout`` is 0 (off).
 DEFAULT_HANDOFF_WAIT = 30.0
 
+#: getrusage's peak and /proc's current RSS come from counters the kernel keeps apart
+#: (per-thread caches): the peak may read a little under the current RSS. The request
+#: path reads the current RSS once the peak is within this share of the limit.
+PEAK_RSS_SHARE = 0.95
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -49,6 +54,17 @@ def read_rss():
             return int(fh.read().split()[1]) * _PAGE_SIZE
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_rss():
+    """This process's highest RSS so far in bytes (getrusage: one syscall, no file), or 0
+    where the platform does not say. Linux reports ``ru_maxrss`` in KiB; a forked worker
+    starts from its RSS at the fork."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError, ValueError):
+        return 0
 
 
 def lifetime_for(age, lifetime):
@@ -93,6 +109,7 @@ class Worker(_Retirement, ThreadWorker):
     _safe_fallback_at = None
     _safe_stopped_by = None
     _safe_handoff_wait = DEFAULT_HANDOFF_WAIT
+    _safe_memory_limit = 0
 
     @classmethod
     def setup(cls):
@@ -205,6 +222,26 @@ class Worker(_Retirement, ThreadWorker):
                 self._safe_stopped_by = "fallback"
                 self.alive = False
 
+    def handle_request(self, *args, **kwargs):
+        # The limit itself is also checked before every request: a sampler thread that
+        # wakes late (a CPU-starved machine, a busy GIL) would let a fast leak run past
+        # it (seen in CI: 1.27x the limit). getrusage's peak is a cheap first test; the
+        # current RSS decides (an import may have peaked above the limit at boot).
+        limit = self._safe_memory_limit
+        if limit and self.alive and peak_rss() >= PEAK_RSS_SHARE * limit:
+            rss = read_rss()
+            if rss is not None and rss >= limit:
+                self._stop_at_memory_limit(rss, None, limit)
+        return super(Worker, self).handle_request(*args, **kwargs)
+
+    def _stop_at_memory_limit(self, rss, growth, limit):
+        """``growth``: since the sampler's last reading, or None from the request path."""
+        self.log.info("safe-gthread: worker %s at %s%s, max_worker_memory %s: it stops "
+                      "accepting now", self.pid, fmt_mib(rss),
+                      "" if growth is None else " (+%s since the last sample)" % fmt_mib(growth),
+                      fmt_mib(limit))
+        self._retire("max_worker_memory", now_=True)
+
     def _start_memory_sampler(self):
         settings = self._safe_settings
         limit = settings.max_worker_memory if settings else 0
@@ -220,6 +257,7 @@ class Worker(_Retirement, ThreadWorker):
                            "right after boot (%s): the limit is off for it",
                            fmt_mib(limit), self.pid, fmt_mib(rss))
             return
+        self._safe_memory_limit = limit
         stop = self._safe_sampler = threading.Event()
         thread = threading.Thread(target=self._sample_memory, args=(stop, limit),
                                   name="safe-gthread-rss")
@@ -241,10 +279,7 @@ class Worker(_Retirement, ThreadWorker):
             growth = 0 if previous is None else max(rss - previous, 0)
             previous = rss
             if rss >= limit or (rss >= soft and rss + 2 * growth >= limit):
-                self.log.info("safe-gthread: worker %s at %s (+%s since the last sample), "
-                              "max_worker_memory %s: it stops accepting now", self.pid,
-                              fmt_mib(rss), fmt_mib(growth), fmt_mib(limit))
-                self._retire("max_worker_memory", now_=True)
+                self._stop_at_memory_limit(rss, growth, limit)
                 return
             if rss >= soft and self._safe_reason is None:
                 self._retire("max_worker_memory")

@@ -342,6 +342,38 @@ def test_memory_limit_stops_accepting_at_once(worker):
     assert not worker.alive and worker._safe_stopped_by == "limit"
 
 
+def test_memory_limit_is_checked_before_every_request(worker, monkeypatch):
+    """The request path stops the worker at the limit, however late the sampler wakes;
+    under it, or with the limit off, a request changes nothing."""
+    served = []
+    monkeypatch.setattr(_worker.ThreadWorker, "handle_request",
+                        lambda self, *args, **kwargs: served.append(args) or "response",
+                        raising=False)
+    rss = {"peak": 50 << 20, "now": 50 << 20}
+    monkeypatch.setattr(_worker, "peak_rss", lambda: rss["peak"])
+    monkeypatch.setattr(_worker, "read_rss", lambda: rss["now"])
+
+    assert worker.handle_request("req", "conn") == "response"  # the limit is off
+    worker._safe_memory_limit = 64 << 20
+    assert worker.handle_request("req", "conn") == "response"
+    rss["peak"] = 62 << 20  # within the margin, now under the limit
+    assert worker.handle_request("req", "conn") == "response"
+    rss["peak"] = 80 << 20  # an import peaked above the limit, now back under it
+    assert worker.handle_request("req", "conn") == "response"
+    assert worker.alive and worker.sent == []
+    rss["now"] = 64 << 20
+    assert worker.handle_request("req", "conn") == "response"  # still served, then it stops
+    assert not worker.alive and worker._safe_stopped_by == "limit"
+    assert worker.sent == [(_schedule.LEAVING, "max_worker_memory")]
+    assert served == [("req", "conn")] * 5
+
+
+def test_peak_rss_is_at_least_the_current_rss_within_its_margin():
+    leak = bytearray(32 << 20)  # grow by 32 MiB, touched: the peak follows
+    leak[::4096] = b"\x01" * len(leak[::4096])
+    assert _worker.peak_rss() >= _worker.PEAK_RSS_SHARE * _worker.read_rss() > 0
+
+
 def test_no_scheduler_means_the_stock_way(worker, monkeypatch):
     monkeypatch.setattr(_schedule, "send", lambda worker, kind, reason="": False)
     worker.nr = 5
