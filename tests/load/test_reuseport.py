@@ -8,9 +8,9 @@ namespace, restored afterwards even on failure):
 - ``tcp_migrate_req = 0`` (the kernel default): the stock worker is the control and must
   fail requests; the safe worker (the arbiter keeps one listener per worker slot) must
   fail none, and keep exactly ``workers`` listeners in the group.
-- ``tcp_migrate_req = 1``: the second control; the kernel moves a closing listener's
-  queue to another listener of the group. The safe worker fails none. The stock figures
-  are printed, not asserted: on this machine (Linux 6.18) stock 27.0.1 still failed
+- ``tcp_migrate_req = 1``: the kernel moves a closing listener's queue to another
+  listener of the group. The safe worker fails none. Stock is not run there (it would
+  assert nothing): on this machine (Linux 6.18) stock 27.0.1 still failed
   hundreds to thousands of requests per run with the sysctl on (while the same kernel
   migrates a plain socket pair's queue: accepted 40 of 40 after the close), and
   24.x - 27.0.0 also lose kept-alive connections on retirement (issue 3).
@@ -126,9 +126,11 @@ def test_default_kernel_stock_fails_safe_does_not(gunicorn_server, tmp_path, mig
 
 
 @pytest.mark.parametrize("kind,upstream_keepalive", PROXIES[:2])
-def test_with_tcp_migrate_req_neither_loses_to_the_listener(gunicorn_server, tmp_path,
-                                                            migrate_req, kind,
-                                                            upstream_keepalive):
+def test_with_tcp_migrate_req_safe_loses_nothing(gunicorn_server, tmp_path, migrate_req, kind,
+                                                 upstream_keepalive):
+    """With the kernel's own remedy on, the slots still hold. No stock run here: on this
+    kernel stock still fails with the sysctl on (see the module docstring and
+    docs/reuse-port.md), so it would be a run that asserts nothing."""
     if not REUSE_PORT_BINDS_IN_WORKERS:
         pytest.skip("gunicorn %s binds one listener in the arbiter: nothing to migrate"
                     % (GUNICORN,))
@@ -136,8 +138,6 @@ def test_with_tcp_migrate_req_neither_loses_to_the_listener(gunicorn_server, tmp
     safe = run(gunicorn_server, tmp_path, "safe", kind, upstream_keepalive)
     assert_lost_nothing(safe)
     assert_group_kept(safe, SETTINGS["workers"])
-    stock = run(gunicorn_server, tmp_path, "stock", kind, upstream_keepalive)
-    print("(not asserted) " + stock.headline())
 
 
 def test_hup_keeps_the_group_and_loses_nothing(gunicorn_server, tmp_path, migrate_req):
