@@ -55,7 +55,7 @@ def test_wheel_metadata(dists):
     assert meta["Description-Content-Type"] == "text/markdown"
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
-    assert meta.get_payload().strip() == readme.strip()
+    assert meta.get_payload(decode=True).decode("utf-8").strip() == readme.strip()  # 日本語, ·
     assert "MIT" in (meta.get("License-Expression") or meta.get("License") or "") or \
         "License :: OSI Approved :: MIT License" in meta.get_all("Classifier")
     assert any(n.endswith("LICENSE") for n in names), "the wheel has no LICENSE"
