@@ -7,7 +7,7 @@ package installed from a freshly built wheel (never the source tree).
     python3 tests/matrix.py --jobs 1             # one cell at a time (default: two)
     python3 tests/matrix.py -- -k restart        # extra pytest arguments after --
     python3 tests/matrix.py --cells 27.0.1-3.13 -- tests/test_patch.py   # named tests only
-    python3 tests/matrix.py --load               # tests/load/ on every cell, not LOAD_CELLS
+    python3 tests/matrix.py --load               # all of tests/load/ on every cell, not LOAD_CELLS
 
 Venvs live in .matrix/ and are reused when their pins are unchanged. Each cell's output
 is printed whole when the cell ends. The last line is the total over all cells:
@@ -41,15 +41,22 @@ CELLS = [
     ("26.2.0", "3.12"), ("27.0.0", "3.12"), ("27.0.1", "3.13"),
 ]
 
-#: The cells that also run the load tests (tests/load/, a few minutes each): the
-#: lowest and the newest, each side of every gthread generation boundary (19.x - 23.x
-#: legacy loop, 24.0 - 27.0.0 method queue, 27.0.1 graceful stop), and each line whose
-#: workers bind their own reuse_port listeners (24.x, 26.x, 27.0.0, 27.0.1). The other
-#: cells run them with ``--load``; ``--no-load`` skips them everywhere.
-LOAD_CELLS = [
-    ("19.6.0", "3.6"), ("23.0.0", "3.12"), ("24.1.1", "3.12"), ("26.2.0", "3.12"),
-    ("27.0.0", "3.12"), ("27.0.1", "3.13"),
-]
+#: The load tests (tests/load/, a few minutes a file and cell) and the cells that run
+#: which: the wrk/proxy restart tests on the lowest and the newest and on each side of
+#: every gthread generation boundary (19.x - 23.x legacy loop, 24.0 - 27.0.0 method
+#: queue, 27.0.1 graceful stop); the reuse_port tests on 23.x (one listener, in the
+#: arbiter) and on each line whose workers bind their own (24.x, 26.x, 27.0.0, 27.0.1).
+#: ``--load`` runs both everywhere; ``--no-load`` neither.
+LOAD_RESTARTS, LOAD_REUSEPORT = "test_load_restarts.py", "test_reuseport.py"
+ALL_LOAD = (LOAD_RESTARTS, LOAD_REUSEPORT)
+LOAD_CELLS = {
+    ("19.6.0", "3.6"): (LOAD_RESTARTS,),
+    ("23.0.0", "3.12"): ALL_LOAD,
+    ("24.1.1", "3.12"): (LOAD_REUSEPORT,),
+    ("26.2.0", "3.12"): (LOAD_REUSEPORT,),
+    ("27.0.0", "3.12"): ALL_LOAD,
+    ("27.0.1", "3.13"): ALL_LOAD,
+}
 
 
 def gunicorn_requirements(gunicorn):
@@ -147,9 +154,9 @@ def count(junit):
     return totals
 
 
-def run_cell(number, total, gunicorn, python, wheel, extra, load=True):
-    """Prepare one cell's venv and run the suite in it (without tests/load/ unless
-    ``load``); return (cell counts, output)."""
+def run_cell(number, total, gunicorn, python, wheel, extra, load=ALL_LOAD):
+    """Prepare one cell's venv and run the suite in it, with the files of tests/load/
+    named in ``load``; return (cell counts, output)."""
     label = "gunicorn %s on Python %s" % (gunicorn, python)
     print("=== [%d/%d] %s: preparing its venv" % (number, total, label), flush=True)
     started = time.monotonic()
@@ -172,22 +179,26 @@ def run_cell(number, total, gunicorn, python, wheel, extra, load=True):
     finally:
         shutil.rmtree(basetemp, ignore_errors=True)
     cell = count(junit)
-    line = "%-32s %3d passed, %d failed, %d skipped  (%ds%s)" % (
+    line = "%-32s %3d passed, %d failed, %d skipped  (%ds, %s)" % (
         label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started,
-        "" if load else ", no load tests")
+        "load: " + ", ".join(load) if load else "no load tests")
     output = proc.stdout.decode("utf-8", "replace")
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
 
 
-def test_paths(extra, load=True):
-    """The whole suite (with tests/load/ only if ``load``), unless the extra pytest
-    arguments name tests themselves (``tests/test_patch.py``, ``tests/test_x.py::test_y``,
-    a directory): then those, whatever ``load`` says."""
+def test_paths(extra, load=ALL_LOAD):
+    """The whole suite with the files of tests/load/ named in ``load``, unless the extra
+    pytest arguments name tests themselves (``tests/test_patch.py``,
+    ``tests/test_x.py::test_y``, a directory): then those, whatever ``load`` says."""
     for arg in extra:
         if not arg.startswith("-") and os.path.exists(os.path.join(ROOT, arg.split("::")[0])):
             return []
     tests = os.path.join(ROOT, "tests")
-    return [tests] if load else [tests, "--ignore", os.path.join(tests, "load")]
+    paths = [tests]
+    for name in ALL_LOAD:
+        if name not in load:
+            paths += ["--ignore", os.path.join(tests, "load", name)]
+    return paths
 
 
 _CELL = re.compile(r"^(\d+\.\d+(?:\.\d+)?)-(3\.\d+)$")
@@ -223,8 +234,9 @@ def main(argv=None):
                              "printed whole when it ends)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--load", action="store_true",
-                      help="run tests/load/ on every cell (default: only on %s)"
-                      % ",".join("-".join(c) for c in LOAD_CELLS))
+                      help="run all of tests/load/ on every cell (default: %s)"
+                      % "; ".join("%s on %s" % ("-".join(c), "+".join(f))
+                                  for c, f in sorted(LOAD_CELLS.items())))
     load.add_argument("--no-load", action="store_true", help="run tests/load/ on no cell")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -240,12 +252,19 @@ def main(argv=None):
         shutil.rmtree(dist, ignore_errors=True)
 
 
+def load_for(args, cell):
+    """The load test files a cell runs under these options."""
+    if args.no_load:
+        return ()
+    return ALL_LOAD if args.load else LOAD_CELLS.get(cell, ())
+
+
 def _run_cells(args, cells, wheel, extra):
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     summary = {}
     with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         running = {pool.submit(run_cell, number, len(cells), gunicorn, python, wheel, extra,
-                               not args.no_load and (args.load or (gunicorn, python) in LOAD_CELLS)):
+                               load_for(args, (gunicorn, python))):
                    number for number, (gunicorn, python) in enumerate(cells, 1)}
         for done in futures.as_completed(running):
             cell, line, output = done.result()
