@@ -181,6 +181,7 @@ def run_cell(number, total, gunicorn, python, wheel, extra, load=ALL_LOAD):
     cell = count(junit)
     line = "%-32s %3d passed, %d failed, %d skipped  (%ds, %s)" % (
         label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started,
+        "named tests" if not test_paths(extra, load) else
         "load: " + ", ".join(load) if load else "no load tests")
     output = proc.stdout.decode("utf-8", "replace")
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
