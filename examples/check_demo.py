@@ -18,15 +18,17 @@ import matrix  # noqa: E402  (the test matrix's venv builder)
 DEMO_CELLS = [("19.6.0", "3.6"), ("27.0.1", "3.13")]
 
 
-def main():
-    wheel = matrix.build_wheel(sys.executable)
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     worst = 0
-    for gunicorn, python in DEMO_CELLS:
-        print("\n=== gunicorn %s on Python %s: preparing its venv" % (gunicorn, python), flush=True)
-        venv = matrix.prepare(gunicorn, python, wheel)
-        print("=== safe-gthread check", flush=True)
-        code = subprocess.call([os.path.join(venv, "bin", "safe-gthread"), "check"] + sys.argv[1:])
-        worst = max(worst, code)
+    with matrix.built_wheel() as wheel:
+        for gunicorn, python in DEMO_CELLS:
+            print("\n=== gunicorn %s on Python %s: preparing its venv" % (gunicorn, python),
+                  flush=True)
+            venv = matrix.prepare(gunicorn, python, wheel)
+            print("=== safe-gthread check", flush=True)
+            code = subprocess.call([os.path.join(venv, "bin", "safe-gthread"), "check"] + argv)
+            worst = max(worst, code)
     return worst
 
 

@@ -14,6 +14,7 @@ is printed whole when the cell ends. The last line is the total over all cells:
 ``matrix: N passed, N failed, N skipped``.
 """
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -119,6 +120,17 @@ def build_wheel(python, dist):
     run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT],
         stdout=subprocess.DEVNULL)
     return glob.glob(os.path.join(dist, "safe_gthread-*.whl"))[0]
+
+
+@contextlib.contextmanager
+def built_wheel(python=sys.executable):
+    """This checkout as a wheel in a directory of this run's own, removed afterwards."""
+    os.makedirs(MATRIX_DIR, exist_ok=True)
+    dist = tempfile.mkdtemp(prefix="dist-", dir=MATRIX_DIR)
+    try:
+        yield build_wheel(python, dist)
+    finally:
+        shutil.rmtree(dist, ignore_errors=True)
 
 
 def prepare(gunicorn, python, wheel):
@@ -245,12 +257,8 @@ def main(argv=None):
     cells = args.cells or CELLS
     for _, python in cells:
         find_python(python)  # a missing interpreter fails here, before any venv is built
-    os.makedirs(MATRIX_DIR, exist_ok=True)
-    dist = tempfile.mkdtemp(prefix="dist-", dir=MATRIX_DIR)
-    try:
-        return _run_cells(args, cells, build_wheel(sys.executable, dist), extra)
-    finally:
-        shutil.rmtree(dist, ignore_errors=True)
+    with built_wheel() as wheel:
+        return _run_cells(args, cells, wheel, extra)
 
 
 def load_for(args, cell):

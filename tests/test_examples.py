@@ -475,3 +475,42 @@ def test_supervisor_program_matches_config_py():
     assert int(program["stopwaitsecs"]) > settings.get("graceful_timeout", 30)
     assert settings["daemon"] is False  # supervisor needs gunicorn in the foreground
     assert program["stopasgroup"] == "false"  # only the master gets TERM
+
+
+def test_check_demo_runs_check_in_each_demo_cell(monkeypatch, tmp_path):
+    """The quick start's first command, its plumbing against the matrix's real API: one
+    wheel, each demo cell's venv, ``safe-gthread check`` there with the arguments given.
+    (Run for real it builds two venvs: the README's quick start, tried from a fresh clone
+    before each release.)"""
+    import contextlib
+    import inspect
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import check_demo
+    finally:
+        sys.path.remove(EXAMPLES)
+    matrix = check_demo.matrix
+    wheel = str(tmp_path / "safe_gthread-0-py3-none-any.whl")
+    calls = []
+
+    @contextlib.contextmanager
+    def built_wheel(*args, **kwargs):
+        inspect.signature(matrix.built_wheel).bind(*args, **kwargs)
+        yield wheel
+
+    def prepare(*args, **kwargs):
+        inspect.signature(matrix.prepare).bind(*args, **kwargs)
+        calls.append(("prepare",) + args)
+        return str(tmp_path / ("venv-" + args[0]))
+
+    monkeypatch.setattr(matrix, "built_wheel", built_wheel)
+    monkeypatch.setattr(matrix, "prepare", prepare)
+    monkeypatch.setattr(check_demo.subprocess, "call", lambda argv: calls.append(tuple(argv)) or 2)
+    assert check_demo.main(["--seconds", "3"]) == 2  # the worst exit code of the checks
+    expected = []
+    for gunicorn, python in check_demo.DEMO_CELLS:
+        assert (gunicorn, python) in matrix.CELLS  # the demo reuses the matrix's venvs
+        expected += [("prepare", gunicorn, python, wheel),
+                     (str(tmp_path / ("venv-" + gunicorn) / "bin" / "safe-gthread"),
+                      "check", "--seconds", "3")]
+    assert calls == expected
