@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import gunicorn
+
 from . import load as _load, procs as _procs
 from .proxy import free_port
 
@@ -59,6 +61,13 @@ def gunicorn_command():
     return [sys.executable, "-c", "from gunicorn.app.wsgiapp import run; run()"]
 
 
+#: gunicorn 25.1.0 runs its control socket's asyncio loop in a thread of the arbiter while
+#: it forks workers, and a new worker can hang for good while it logs "Booting worker"
+#: (benoitc/gunicorn#3509, #3529; 25.2.0 stops that thread around each fork, PR #3520).
+#: Seen here in CI. The servers started here turn the control socket off on 25.1.x.
+CONTROL_SOCKET_FORK_DEADLOCK = tuple(getattr(gunicorn, "version_info", ())[:2]) == (25, 1)
+
+
 class Gunicorn(object):
     def __init__(self, directory, worker_class="safe_gthread.Worker", app="safe_gthread.check.app:app",
                  guard=False, tcp=False, **settings):
@@ -76,6 +85,8 @@ class Gunicorn(object):
                   # gunicorn >= 27 opens a control socket in $HOME by default, shared by
                   # every server of the user; older versions ignore the name.
                   "control_socket": os.path.join(self.directory, "gunicorn.ctl")}
+        if CONTROL_SOCKET_FORK_DEADLOCK:
+            config["control_socket_disable"] = True
         config.update(settings)
         with open(self.config_path, "w") as fh:
             if guard:
