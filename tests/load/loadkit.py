@@ -20,8 +20,9 @@ HARSH = dict(SETTINGS, max_requests=64, max_requests_jitter=32)
 RESTARTS = 50           # the minimum per safe run
 TARGET_RESTARTS = 60    # a safe run stops once it has seen this many ...
 MIN_SECONDS = 4.0       # ... and has run this long
-MAX_SECONDS = 40.0      # hard bound of every run (a safe worker serves on while its
-                        # successor boots: fewer restarts per request than stock)
+MAX_SECONDS = 60.0      # hard bound of every run (a safe worker serves on while its
+                        # successor boots: fewer restarts per request than stock; on a
+                        # loaded CI machine 27.0.0 reached 39 - 45 in 40 s)
 CONNECTIONS = 200       # wrk -c200, the seed's
 WRK_THREADS = 2         # one per core here
 DIRECT_CLIENTS = 32     # Python keep-alive clients straight on the socket
