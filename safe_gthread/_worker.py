@@ -8,6 +8,11 @@ import sys
 import threading
 import time
 
+try:
+    import resource  # peak_rss(), on the request path: imported once, here
+except ImportError:  # not on every platform
+    resource = None
+
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import _compat, _retire, _reuseport, _schedule, _settings, guard
@@ -60,10 +65,11 @@ def peak_rss():
     """This process's highest RSS so far in bytes (getrusage: one syscall, no file), or 0
     where the platform does not say. Linux reports ``ru_maxrss`` in KiB; a forked worker
     starts from its RSS at the fork."""
+    if resource is None:
+        return 0
     try:
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except (ImportError, OSError, ValueError):
+    except (OSError, ValueError):
         return 0
 
 
@@ -152,14 +158,10 @@ class Worker(_Retirement, ThreadWorker):
     # -- after fork ------------------------------------------------------------------
     def init_process(self):
         _schedule.close_siblings(self.tmp)
-        self._safe_lock = threading.Lock()
+        # The rest of the per-process state starts from the class defaults and the lock
+        # made in __init__: nothing sets it in the arbiter before the fork.
         self._safe_born = time.monotonic()
-        self._safe_reason = None
-        self._safe_requested_at = None
-        self._safe_fallback_at = None
-        self._safe_stopped_by = None
-        self._safe_drain_started = None
-        self._safe_sampler = None
+        self._safe_drain_started = None  # None: the drain's start is recorded from now on
         try:
             settings = _settings.current()
         except _settings.SettingsError:

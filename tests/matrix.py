@@ -177,6 +177,11 @@ def run_cell(number, total, gunicorn, python, wheel, extra, load=ALL_LOAD):
     junit = os.path.join(venv, "junit.xml")
     if os.path.exists(junit):
         os.remove(junit)
+    paths = test_paths(extra, load)
+    if not paths:
+        what = "named tests"
+    else:
+        what = "load: " + ", ".join(load) if load else "no load tests"
     print("=== [%d/%d] %s: testing" % (number, total, label), flush=True)
     # A short private base for pytest's tmp_path: unix socket paths must stay under
     # 108 bytes, and cells running side by side must not share pytest's numbering.
@@ -187,15 +192,14 @@ def run_cell(number, total, gunicorn, python, wheel, extra, load=ALL_LOAD):
         proc = subprocess.run(
             [os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider", "-rfEs",
              "--basetemp", os.path.join(basetemp, "t"), "--junitxml", junit,
-             "-o", "junit_family=xunit1"] + test_paths(extra, load) + extra,
+             "-o", "junit_family=xunit1"] + paths + extra,
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     finally:
         shutil.rmtree(basetemp, ignore_errors=True)
     cell = count(junit)
     line = "%-32s %3d passed, %d failed, %d skipped  (%ds, %s)" % (
         label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started,
-        "named tests" if not test_paths(extra, load) else
-        "load: " + ", ".join(load) if load else "no load tests")
+        what)
     output = proc.stdout.decode("utf-8", "replace")
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
 
