@@ -57,11 +57,26 @@ from . import _patch, _settings
 KEY = "safe_gthread.schedule"
 
 #: What a worker writes at the start of its heartbeat file: a magic, "ready", what it
-#: wants (0 nothing, RETIRE, LEAVING) and why (an index in REASONS).
+#: wants (0 nothing, RETIRE, DUE, LEAVING) and why (an index in REASONS).
 _STATE = struct.Struct("=2sBBB")
 _MAGIC = b"sg"
-RETIRE, LEAVING, READY = 1, 2, 3
+#: RETIRE: "boot my successor" (asked ahead of the limit, keep serving); DUE: "at my
+#: limit: stop me as soon as the successor is ready"; LEAVING: "stopped accepting" (at
+#: the memory limit, or at the request cap with no successor ready: the stock way).
+#: READY is a flag of its own, never a want.
+RETIRE, DUE, LEAVING, READY = 1, 2, 3, 4
 REASONS = ("", "max_requests", "max_worker_memory", "max_worker_lifetime")
+
+#: A ready successor whose predecessor has not reached its limit yet (it asked early,
+#: and the boot was faster than predicted) waits at most as long as its boot took, and
+#: at least / at most these many seconds, before the old worker is stopped anyway.
+READY_WAIT_MIN, READY_WAIT_MAX = 0.2, 5.0
+
+#: Weight of the newest measurement in the handoff time's moving average.
+EWMA_WEIGHT = 0.3
+
+#: The WARNING that retirements outpace boots is said at most this often (seconds).
+WARN_EVERY = 60.0
 
 _log = logging.getLogger("gunicorn.error")
 _lock = threading.RLock()
@@ -71,19 +86,22 @@ _state = {}  # "scheduler": _Scheduler (arbiter); "mine": [ready, want, reason] 
 class _Retirement(object):
     """One worker that asked to retire, in the arbiter."""
 
-    __slots__ = ("pid", "age", "reason", "leaving", "since", "successor",
-                 "successor_age", "spawned_at", "termed")
+    __slots__ = ("pid", "age", "reason", "due", "leaving", "since", "successor",
+                 "successor_age", "spawned_at", "ready_at", "termed", "fallback")
 
-    def __init__(self, pid, age, reason, leaving, now):
+    def __init__(self, pid, age, reason, now):
         self.pid = pid
         self.age = age
         self.reason = reason
-        self.leaving = leaving
+        self.due = False
+        self.leaving = False
         self.since = now
         self.successor = None
         self.successor_age = None
         self.spawned_at = None
+        self.ready_at = None
         self.termed = False
+        self.fallback = False
 
 
 def _same(workers, pid, age):
@@ -93,7 +111,12 @@ def _same(workers, pid, age):
 
 
 class _Scheduler(object):
-    """The arbiter's bookkeeping. Only the arbiter's main thread calls it."""
+    """The arbiter's bookkeeping. Only the arbiter's main thread calls it.
+
+    ``handoff_time`` is the moving average of "a worker asked" to "its successor is
+    ready" (queueing for a slot included): new workers read it (``Worker.__init__``, in
+    the arbiter) to ask that far ahead of their limit.
+    """
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
@@ -101,6 +124,10 @@ class _Scheduler(object):
         self.handoffs = {}  # old pid -> _Retirement with a successor (or leaving)
         self.reload_age = 0  # workers of this age or older belong to a HUP: not ours
         self.spawning_for = None
+        self.handoff_time = None
+        self.fallbacks = 0  # workers that retired the stock way (cap or timeout)
+        self.warned_at = None
+        self.queued_sent = None  # the last queue length sent to statsd
 
     # -- messages --------------------------------------------------------------------
     def receive(self, arbiter, messages):
@@ -112,50 +139,96 @@ class _Scheduler(object):
             if kind == READY:
                 self._successor_ready(arbiter, pid, age, now)
                 continue
-            if kind not in (RETIRE, LEAVING) or age <= self.reload_age:
+            if kind not in (RETIRE, DUE, LEAVING) or age <= self.reload_age:
                 continue
-            leaving = kind == LEAVING
             rec = self.handoffs.get(pid) or self.queue.get(pid)
             if rec is None:
                 rec = _Retirement(pid, age, REASONS[reason] if reason < len(REASONS) else "?",
-                                  leaving, now)
+                                  now)
                 self.queue[pid] = rec
-            if leaving:
+            if kind >= DUE and not rec.due:
+                rec.due = True
+                if rec.ready_at is not None:
+                    self._term(arbiter, rec)
+            if kind == LEAVING and not rec.leaving:
                 rec.leaving = True
-                if pid in self.queue:  # it has stopped accepting: its slot is empty now
+                if pid in self.queue:
+                    # It has stopped accepting with no successor: its slot is empty now.
                     self.queue.move_to_end(pid, last=False)
+                    if rec.reason == "max_requests":
+                        self._fell_back(arbiter, rec, "its request cap")
 
     def _successor_ready(self, arbiter, pid, age, now):
         for rec in self.handoffs.values():
-            if rec.successor == pid and rec.successor_age == age and not rec.termed:
-                rec.termed = True
-                _log.debug("safe-gthread: worker %s ready after %.2fs; retiring worker %s "
-                           "(%s)", pid, now - rec.spawned_at, rec.pid, rec.reason)
-                if not rec.leaving:
-                    try:
-                        os.kill(rec.pid, signal.SIGTERM)
-                    except OSError:
-                        pass  # already gone: the reap forgets it
+            if rec.successor == pid and rec.successor_age == age and rec.ready_at is None:
+                rec.ready_at = now
+                took = now - rec.since
+                self.handoff_time = took if self.handoff_time is None else (
+                    EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * self.handoff_time)
+                _log.debug("safe-gthread: worker %s ready %.2fs after worker %s asked (%s)",
+                           pid, took, rec.pid, rec.reason)
+                if rec.due or rec.leaving:
+                    self._term(arbiter, rec)
                 return
+
+    def _term(self, arbiter, rec):
+        """Stop the old worker gracefully, the way gunicorn stops one (``kill_worker``:
+        its bookkeeping for a worker that is gone already runs too)."""
+        if rec.termed:
+            return
+        rec.termed = True
+        if rec.leaving:
+            return  # it stops by itself
+        try:
+            arbiter.kill_worker(rec.pid, signal.SIGTERM)
+        except OSError:
+            pass  # gone meanwhile: the reap forgets it
+
+    def _fell_back(self, arbiter, rec, why):
+        """A worker past its limit retires without a ready successor: say so (a WARNING
+        at most every ``WARN_EVERY`` seconds, a statsd counter each time)."""
+        if rec.fallback:
+            return
+        rec.fallback = True
+        self.fallbacks += 1
+        metric(arbiter, "safe_gthread.fallbacks", 1, "counter")
+        now = self.clock()
+        if self.warned_at is None or now - self.warned_at >= WARN_EVERY:
+            self.warned_at = now
+            _log.warning(
+                "safe-gthread: retirements outpace successor boots: worker %s retired the "
+                "stock way at %s, its successor not ready (%d in %.0fs); to boot more "
+                "successors at once, raise max_retiring (now %d; "
+                "safe_gthread.configure(max_retiring=...) or SAFE_GTHREAD_MAX_RETIRING)",
+                rec.pid, why, self.fallbacks, now - rec.since, max_retiring())
 
     # -- every manage_workers ----------------------------------------------------------
     def prune(self, arbiter):
         workers = arbiter.WORKERS
+        now = self.clock()
         for pid, rec in list(self.queue.items()):
             if not _same(workers, pid, rec.age):
-                del self.queue[pid]
+                del self.queue[pid]  # left with no successor: gunicorn replaces it
+                if rec.due:
+                    self._fell_back(arbiter, rec, "its timeout")
         for pid, rec in list(self.handoffs.items()):
             if not _same(workers, pid, rec.age):
                 del self.handoffs[pid]  # the old worker has left: retirement done
-            elif not rec.termed and not rec.leaving and not _same(
+            elif rec.ready_at is None and not rec.leaving and not _same(
                     workers, rec.successor, rec.successor_age):
                 # The successor died before it was ready (a crash; a boot error halts
                 # the arbiter, as stock): forget the pairing. The old worker keeps
                 # serving; its request still stands in its heartbeat file, so it queues
-                # again, and it retires itself after ``timeout`` at the latest.
+                # again, and it retires itself at its cap or timeout at the latest.
                 _log.warning("safe-gthread: successor %s of worker %s exited before it "
                              "was ready", rec.successor, pid)
                 del self.handoffs[pid]
+            elif rec.ready_at is not None and not rec.termed:
+                # Ready before the old worker reached its limit: let it serve on a
+                # little (as long as the boot took), not for ever.
+                boot = rec.ready_at - rec.spawned_at
+                if now - rec.ready_at >= min(max(boot, READY_WAIT_MIN), READY_WAIT_MAX):
+                    self._term(arbiter, rec)
 
     def spawn_successors(self, arbiter, max_retiring):
         workers = arbiter.WORKERS
@@ -181,6 +254,9 @@ class _Scheduler(object):
             self.handoffs[pid] = rec
             _log.debug("safe-gthread: worker %s retiring (%s): successor %s", pid,
                        rec.reason, rec.successor)
+        if len(self.queue) != (self.queued_sent or 0):
+            self.queued_sent = len(self.queue)
+            metric(arbiter, "safe_gthread.retirements.queued", len(self.queue), "gauge")
 
     def discounted(self):
         return frozenset(self.handoffs)
@@ -193,6 +269,20 @@ class _Scheduler(object):
 
     def retiring(self):
         return set(self.queue) | set(self.handoffs)
+
+
+def max_retiring():
+    try:
+        return _settings.current().max_retiring
+    except _settings.SettingsError:
+        return _settings.REGISTRY["max_retiring"][0]
+
+
+def metric(arbiter, name, value, mtype):
+    """A statsd metric through gunicorn's logger, where ``statsd_host`` is set (its
+    statsd logger sends any log call that carries one; an empty message logs nothing)."""
+    if getattr(getattr(arbiter, "cfg", None), "statsd_host", None):
+        arbiter.log.info("", extra={"metric": name, "value": value, "mtype": mtype})
 
 
 class _Discounted(MutableMapping):
@@ -251,7 +341,7 @@ def _read(workers):
         age = getattr(worker, "age", None)
         if ready:
             messages.append((READY, 0, pid, age))
-        if want in (RETIRE, LEAVING):
+        if want in (RETIRE, DUE, LEAVING):
             messages.append((want, reason, pid, age))
     return messages
 
@@ -265,13 +355,9 @@ def _manage_workers(original, self, *args, **kwargs):
     scheduler = _state.get("scheduler")
     if scheduler is None or isinstance(self.WORKERS, _Discounted):
         return original(self, *args, **kwargs)
-    try:
-        max_retiring = _settings.current().max_retiring
-    except _settings.SettingsError:
-        max_retiring = 1
     scheduler.receive(self, _read(_real(self.WORKERS)))
     scheduler.prune(self)
-    scheduler.spawn_successors(self, max_retiring)
+    scheduler.spawn_successors(self, max_retiring())
     hidden = scheduler.discounted()
     if not hidden:
         return original(self, *args, **kwargs)
@@ -371,9 +457,9 @@ def retiring_pids():
 # -- worker side -----------------------------------------------------------------------
 def send(worker, kind, reason=""):
     """In a worker: tell the arbiter (``worker.ppid``) we are READY, or want to RETIRE
-    (keep serving) or are LEAVING (stopped accepting). False when that is not possible
-    (no scheduler in this arbiter, no heartbeat file, a gone parent): the caller falls
-    back to the stock way."""
+    (keep serving), are DUE (at the limit) or LEAVING (stopped accepting). False when
+    that is not possible (no scheduler in this arbiter, no heartbeat file, a gone
+    parent): the caller falls back to the stock way."""
     if "scheduler" not in _state and "mine" not in _state:
         return False
     mine = _state.setdefault("mine", [0, 0, 0])
@@ -383,11 +469,23 @@ def send(worker, kind, reason=""):
         mine[1] = max(mine[1], kind)
         mine[2] = REASONS.index(reason) if reason in REASONS else 0
     try:
-        os.pwrite(worker.tmp.fileno(), _STATE.pack(_MAGIC, *mine), 0)
+        tmp = worker.tmp
+        os.pwrite(tmp.fileno(), _STATE.pack(_MAGIC, *mine), 0)
+        # A write stamps the file's mtime with the wall clock; gunicorn >= 22 stamps
+        # it with time.monotonic() and compares the two, so a worker would look fresh
+        # (never timed out) until its next heartbeat. Stamp it gunicorn's way again.
+        tmp.notify()
         os.kill(worker.ppid, signal.SIGCHLD)
     except (AttributeError, OSError, TypeError, ValueError, struct.error):
         return False  # TypeError: a heartbeat file that is not a file (a test's mock)
     return True
+
+
+def handoff_estimate():
+    """In the arbiter: seconds from a worker's request to its successor being ready,
+    as measured lately (None before the first handoff, or without a scheduler)."""
+    scheduler = _state.get("scheduler")
+    return scheduler.handoff_time if scheduler is not None else None
 
 
 def stopped_accepting(worker):

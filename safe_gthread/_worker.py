@@ -44,6 +44,17 @@ LIFETIME_SPREAD = 0.1
 #: How long a worker waits for its successor when gunicorn's ``timeout`` is 0 (off).
 DEFAULT_HANDOFF_WAIT = 30.0
 
+#: ``max_requests`` keeps its meaning: a worker whose successor is not ready by the time
+#: it has served this share of its limit (gunicorn's ``max_requests`` + its jitter draw)
+#: retires the stock way (gunicorn's own check, set to this cap, stops it).
+CAP_SHARE = 1.1
+
+#: A worker asks for its successor this much earlier than the measured handoff time
+#: (request to ready) says it must, at its current request rate, for the successor to be
+#: ready when it reaches its limit; plus the arbiter's reaction time.
+LEAD_FACTOR = 1.25
+LEAD_SLACK = 0.05
+
 #: getrusage's peak and /proc's current RSS come from counters the kernel keeps apart
 #: (per-thread caches): the peak may read a little under the current RSS. The request
 #: path reads the current RSS once the peak is within this share of the limit.
@@ -80,6 +91,11 @@ def lifetime_for(age, lifetime):
     return lifetime * (1.0 + LIFETIME_SPREAD * (2.0 * random.Random(age).random() - 1.0))
 
 
+def cap_for(limit):
+    """The request count at which a worker stops the stock way (``CAP_SHARE``)."""
+    return limit + max(int(limit * (CAP_SHARE - 1.0)), 1)
+
+
 def fmt_mib(nbytes):
     return "n/a" if nbytes is None else "%.1f MiB" % (nbytes / 1048576.0)
 
@@ -106,6 +122,11 @@ class Worker(_Retirement, ThreadWorker):
 
     # Class-level defaults: a worker built by a test without __init__ still works.
     _safe_retire_after = None
+    _safe_ask_at = 0
+    _safe_handoff_estimate = None
+    _safe_lead_seconds = None
+    _safe_ready_at = None
+    _safe_due = False
     _safe_reason = None
     _safe_drain_started = False
     _safe_settings = None
@@ -143,17 +164,19 @@ class Worker(_Retirement, ThreadWorker):
 
     def __init__(self, *args, **kwargs):
         # In the arbiter, before fork. gunicorn has drawn max_requests + jitter: keep it
-        # as our trigger, and give gunicorn's own check (``handle_request``: stop at
-        # once) a limit it never reaches while the arbiter schedules retirements.
-        super(Worker, self).__init__(*args, **kwargs)
+        # as our limit, and give gunicorn's own check (``handle_request``: stop after
+        # this request) the cap past which the worker retires the stock way.
+        super().__init__(*args, **kwargs)
         # Also here, not only after fork: gunicorn's own tests drive a worker's notify()
         # and run() without init_process (tests/test_upstream.py).
         self._safe_lock = threading.Lock()
-        self._safe_born = time.monotonic()
+        self._safe_born = self._safe_created = time.monotonic()
         if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests
-            self.max_requests = sys.maxsize
+            self._safe_ask_at = self.max_requests // 2
+            self.max_requests = cap_for(self.max_requests)
+            self._safe_handoff_estimate = _schedule.handoff_estimate()
 
     # -- after fork ------------------------------------------------------------------
     def init_process(self):
@@ -171,14 +194,20 @@ class Worker(_Retirement, ThreadWorker):
         self._safe_lifetime_at = None if lifetime is None else self._safe_born + lifetime
         timeout = getattr(self.cfg, "timeout", 0) or DEFAULT_HANDOFF_WAIT
         self._safe_handoff_wait = float(timeout)
-        return super(Worker, self).init_process()
+        return super().init_process()
 
     def run(self):
-        # Booted: app loaded, post_worker_init run, about to enter the loop.
+        # Booted: app loaded, post_worker_init run, about to enter the loop. How long
+        # that took (from the arbiter's fork) estimates our own successor's boot, until
+        # the arbiter has measured a handoff.
+        self._safe_ready_at = time.monotonic()
+        self._safe_lead_seconds = LEAD_FACTOR * max(
+            self._safe_handoff_estimate or 0.0,
+            self._safe_ready_at - self._safe_created) + LEAD_SLACK
         _schedule.send(self, _schedule.READY)
         self._start_memory_sampler()
         try:
-            return super(Worker, self).run()
+            return super().run()
         finally:
             sampler = self._safe_sampler
             if sampler is not None:
@@ -187,42 +216,78 @@ class Worker(_Retirement, ThreadWorker):
 
     # -- triggers ----------------------------------------------------------------------
     def notify(self):
-        super(Worker, self).notify()
+        super().notify()
         # Every loop iteration calls notify: integer and clock comparisons only.
         if not self.alive:
             return  # stopping already (our retirement, HUP, TERM): nothing to ask for
         if self._safe_reason is None:
-            if self._safe_retire_after is not None and self.nr >= self._safe_retire_after:
-                self._retire("max_requests")
+            if self._safe_retire_after is not None and self.nr >= self._safe_ask_at:
+                self._plan_retirement()
             elif self._safe_lifetime_at is not None and time.monotonic() >= self._safe_lifetime_at:
-                self._retire("max_worker_lifetime")
+                self._retire("max_worker_lifetime", due=True)
+        elif not self._safe_due:
+            if self._safe_retire_after is not None and self.nr >= self._safe_retire_after:
+                self._retire(self._safe_reason, due=True)
         elif (self._safe_fallback_at is not None
               and time.monotonic() >= self._safe_fallback_at):
-            self.log.info("safe-gthread: no successor ready %.0fs after worker %s asked "
-                          "(%s): retiring without one", self._safe_handoff_wait, self.pid,
-                          self._safe_reason)
+            self.log.info("safe-gthread: no successor ready %.0fs after worker %s reached "
+                          "its limit (%s): retiring without one", self._safe_handoff_wait,
+                          self.pid, self._safe_reason)
             self._safe_stopped_by = "fallback"
             self.alive = False
 
-    def _retire(self, reason, now_=False):
-        """Ask the arbiter for a successor; ``now_``: stop accepting at once too."""
+    def _plan_retirement(self):
+        """Ask for the successor once the requests left before the limit are about what
+        this worker serves during a handoff; else look again halfway there."""
+        left = self._safe_retire_after - self.nr
+        if left <= 0:
+            self._retire("max_requests", due=True)
+            return
+        if self._safe_ready_at is None or self._safe_lead_seconds is None:
+            return  # not serving yet (a test driving notify() directly)
+        serving = max(time.monotonic() - self._safe_ready_at, 1e-3)
+        lead = self.nr / serving * self._safe_lead_seconds
+        if left <= lead:
+            self._retire("max_requests")
+        else:
+            self._safe_ask_at = self.nr + max(int((left - lead) / 2), 1)
+
+    def _retire(self, reason, now_=False, due=False):
+        """Ask the arbiter for a successor; ``due``: at the limit (stop me once it is
+        ready); ``now_``: stop accepting at once too."""
         with self._safe_lock:
             first = self._safe_reason is None
             if first:
                 self._safe_reason = reason
                 self._safe_requested_at = time.monotonic()
-                self._safe_fallback_at = self._safe_requested_at + self._safe_handoff_wait
-            elif not now_:
+            newly_due = (due or now_) and not self._safe_due
+            if newly_due:
+                self._safe_due = True
+                self._safe_fallback_at = time.monotonic() + self._safe_handoff_wait
+            elif not first and not now_:
                 return
             if now_:
                 self._safe_stopped_by = "limit"
                 self._safe_fallback_at = None
                 self.alive = False
-            kind = _schedule.LEAVING if now_ else _schedule.RETIRE
-            if not _schedule.send(self, kind, reason) and not now_:
+            kind = (_schedule.LEAVING if now_ else
+                    _schedule.DUE if self._safe_due else _schedule.RETIRE)
+            if not _schedule.send(self, kind, reason) and self._safe_due and not now_:
                 # No scheduler to hand off to: retire the stock way.
                 self._safe_stopped_by = "fallback"
                 self.alive = False
+
+    def _stop_keeping_alive(self):
+        # ``alive`` has just turned False (``_retire._common._WatchAlive``). At the cap,
+        # gunicorn's own max_requests check did it: the stock way, no successor ready.
+        parent = getattr(super(), "_stop_keeping_alive", None)
+        if parent is not None:
+            parent()
+        if (self._safe_retire_after is not None and self._safe_stopped_by is None
+                and self.nr >= self.max_requests):
+            self._safe_stopped_by = "cap"
+            self._safe_reason = self._safe_reason or "max_requests"
+            _schedule.send(self, _schedule.LEAVING, self._safe_reason)
 
     def handle_request(self, *args, **kwargs):
         # The limit itself is also checked before every request: a sampler thread that
@@ -234,7 +299,7 @@ class Worker(_Retirement, ThreadWorker):
             rss = read_rss()
             if rss is not None and rss >= limit:
                 self._stop_at_memory_limit(rss, None, limit)
-        return super(Worker, self).handle_request(*args, **kwargs)
+        return super().handle_request(*args, **kwargs)
 
     def _stop_at_memory_limit(self, rss, growth, limit):
         """``growth``: since the sampler's last reading, or None from the request path."""
@@ -284,7 +349,7 @@ class Worker(_Retirement, ThreadWorker):
                 self._stop_at_memory_limit(rss, growth, limit)
                 return
             if rss >= soft and self._safe_reason is None:
-                self._retire("max_worker_memory")
+                self._retire("max_worker_memory", due=True)
             interval = MEMORY_CLOSE_INTERVAL if rss >= close else MEMORY_SAMPLE_INTERVAL
 
     # -- visibility --------------------------------------------------------------------
@@ -298,6 +363,7 @@ class Worker(_Retirement, ThreadWorker):
         wait = None if drain_started is None else max(drain_started - requested, 0.0)
         drain = None if drain_started is None else now - drain_started
         how = {"fallback": "no successor ready in time",
+               "cap": "no successor ready by its cap (%d): the stock way" % self.max_requests,
                "limit": "stopped at once at the limit"}.get(self._safe_stopped_by,
                                                             "successor ready")
         self.log.info(

@@ -30,9 +30,12 @@ class FakeArbiter(object):
         self.num_workers = workers
         self.worker_age = 0
         self.WORKERS = {}
-        self.killed = []
+        self.cfg = None  # no statsd_host
         for _ in range(workers):
             self.spawn_worker()
+
+    def kill_worker(self, pid, sig):
+        raise AssertionError("the kills fixture replaces this")
 
     def spawn_worker(self):
         self.worker_age += 1
@@ -41,15 +44,30 @@ class FakeArbiter(object):
         return pid
 
 
-def retire(pid, age, kind=_schedule.RETIRE, reason=1):
+def retire(pid, age, kind=_schedule.DUE, reason=1):
     return (kind, reason, pid, age)
+
+
+def ready(pid, age):
+    return (_schedule.READY, 0, pid, age)
 
 
 @pytest.fixture
 def kills(monkeypatch):
+    """What the scheduler stopped, through gunicorn's ``kill_worker`` (never os.kill)."""
     sent = []
-    monkeypatch.setattr(_schedule.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(FakeArbiter, "kill_worker",
+                        lambda self, pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(_schedule.os, "kill", lambda pid, sig: pytest.fail("os.kill"))
     return sent
+
+
+class Clock(object):
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
 
 
 def test_one_retirement_in_flight_spawns_one_successor_and_terms_on_ready(kills):
@@ -61,7 +79,7 @@ def test_one_retirement_in_flight_spawns_one_successor_and_terms_on_ready(kills)
     assert scheduler.discounted() == {1001}
     assert _schedule.retiring_pids() == set()  # not the installed scheduler
     assert kills == []  # the old worker keeps serving until its successor is ready
-    scheduler.receive(arbiter, [(_schedule.READY, 0, 1004, 4)])
+    scheduler.receive(arbiter, [ready(1004, 4)])
     assert kills == [(1001, signal.SIGTERM)]
     scheduler.spawn_successors(arbiter, max_retiring=1)
     assert len(arbiter.WORKERS) == 4  # the old one has not left yet: 1002 waits
@@ -85,8 +103,89 @@ def test_leaving_worker_jumps_the_queue_and_is_not_termed(kills):
     assert list(scheduler.queue) == [1002, 1001]
     assert scheduler.queue[1002].reason == "max_worker_memory"
     scheduler.spawn_successors(arbiter, max_retiring=1)
-    scheduler.receive(arbiter, [(_schedule.READY, 0, 1004, 4)])
+    scheduler.receive(arbiter, [ready(1004, 4)])
     assert kills == []  # it stopped accepting already
+
+
+def test_an_early_ask_waits_for_the_limit_then_terms(kills):
+    """A worker asks ahead of its limit (RETIRE); its ready successor does not stop it
+    before it is DUE, and the handoff time is measured for the next workers."""
+    clock = Clock()
+    arbiter, scheduler = FakeArbiter(3), _schedule._Scheduler(clock)
+    scheduler.receive(arbiter, [retire(1001, 1, kind=_schedule.RETIRE)])
+    scheduler.spawn_successors(arbiter, max_retiring=1)
+    clock.now += 0.4
+    scheduler.receive(arbiter, [retire(1001, 1, kind=_schedule.RETIRE), ready(1004, 4)])
+    assert kills == [] and scheduler.handoff_time == pytest.approx(0.4)
+    clock.now += 0.1
+    scheduler.prune(arbiter)
+    assert kills == []
+    scheduler.receive(arbiter, [retire(1001, 1), ready(1004, 4)])  # DUE now
+    assert kills == [(1001, signal.SIGTERM)]
+    scheduler.receive(arbiter, [retire(1001, 1), ready(1004, 4)])
+    assert kills == [(1001, signal.SIGTERM)]  # once
+
+
+def test_a_ready_successor_waits_only_as_long_as_its_boot_took(kills):
+    clock = Clock()
+    arbiter, scheduler = FakeArbiter(3), _schedule._Scheduler(clock)
+    scheduler.receive(arbiter, [retire(1001, 1, kind=_schedule.RETIRE)])
+    scheduler.spawn_successors(arbiter, max_retiring=1)
+    clock.now += 1.0  # a one-second boot
+    scheduler.receive(arbiter, [ready(1004, 4)])
+    clock.now += 0.9
+    scheduler.prune(arbiter)
+    assert kills == []
+    clock.now += 0.2
+    scheduler.prune(arbiter)
+    assert kills == [(1001, signal.SIGTERM)]
+
+
+def test_the_handoff_time_is_a_moving_average(kills):
+    clock = Clock()
+    arbiter, scheduler = FakeArbiter(3), _schedule._Scheduler(clock)
+    for pid, took in ((1001, 1.0), (1002, 2.0)):
+        scheduler.receive(arbiter, [retire(pid, pid - 1000)])
+        scheduler.spawn_successors(arbiter, max_retiring=1)
+        successor = scheduler.handoffs[pid].successor
+        clock.now += took
+        scheduler.receive(arbiter, [ready(successor, arbiter.WORKERS[successor].age)])
+        del arbiter.WORKERS[pid]
+        scheduler.prune(arbiter)
+    assert scheduler.handoff_time == pytest.approx(
+        _schedule.EWMA_WEIGHT * 2.0 + (1 - _schedule.EWMA_WEIGHT) * 1.0)
+
+
+def test_stock_way_retirements_are_counted_and_warned_about_once_a_minute(kills, caplog):
+    """Retirements that outpace one boot slot: the queued workers reach their cap and
+    retire the stock way; each is counted, the WARNING names max_retiring, rate-limited."""
+    clock = Clock()
+    arbiter, scheduler = FakeArbiter(4), _schedule._Scheduler(clock)
+    scheduler.receive(arbiter, [retire(pid, pid - 1000) for pid in (1001, 1002, 1003)])
+    scheduler.spawn_successors(arbiter, max_retiring=1)
+    assert list(scheduler.queue) == [1002, 1003]
+    with caplog.at_level("WARNING", logger="gunicorn.error"):
+        scheduler.receive(arbiter, [retire(1003, 3, kind=_schedule.LEAVING)])  # its cap
+        assert list(scheduler.queue) == [1003, 1002]  # its slot is empty: first
+        del arbiter.WORKERS[1002]  # the timeout fallback: left with no successor
+        scheduler.prune(arbiter)
+        clock.now += _schedule.WARN_EVERY
+        scheduler.receive(arbiter, [retire(1004, 4)])
+        del arbiter.WORKERS[1004]
+        scheduler.prune(arbiter)
+    assert scheduler.fallbacks == 3
+    warnings = [r.getMessage() for r in caplog.records if "outpace" in r.getMessage()]
+    assert len(warnings) == 2 and "max_retiring" in warnings[0], warnings
+
+
+def test_a_worker_that_only_asked_and_left_is_no_fallback(kills):
+    arbiter, scheduler = FakeArbiter(3), _schedule._Scheduler()
+    scheduler.receive(arbiter, [retire(1001, 1)])
+    scheduler.receive(arbiter, [retire(1002, 2, kind=_schedule.RETIRE)])  # asked early
+    scheduler.spawn_successors(arbiter, max_retiring=1)
+    del arbiter.WORKERS[1002]  # TTOU'd, say, before its limit: no stock-way retirement
+    scheduler.prune(arbiter)
+    assert scheduler.fallbacks == 0
 
 
 def test_message_from_a_reused_pid_is_dropped(kills):
@@ -308,6 +407,7 @@ def worker(monkeypatch):
     w.log = logging.getLogger("gunicorn.error")
     w._safe_lock = threading.Lock()
     w._safe_retire_after, w._safe_lifetime_at, w._safe_handoff_wait = 5, None, 30.0
+    w.max_requests = _worker.cap_for(5)
     w._safe_reason = w._safe_fallback_at = w._safe_stopped_by = None
     w.sent = sent
     return w
@@ -320,24 +420,70 @@ def test_max_requests_asks_once_and_keeps_serving(worker):
     worker.notify()
     worker.nr = 9
     worker.notify()
-    assert worker.sent == [(_schedule.RETIRE, "max_requests")]
-    assert worker.alive  # until the arbiter's TERM, or the timeout fallback
+    assert worker.sent == [(_schedule.DUE, "max_requests")]
+    assert worker.alive  # until the arbiter's TERM, the cap, or the timeout fallback
     worker._safe_fallback_at = time.monotonic() - 1
     worker.notify()
     assert not worker.alive and worker._safe_stopped_by == "fallback"
+
+
+def test_max_requests_asks_ahead_by_the_handoff_time_at_its_rate(worker):
+    """100 requests a second, a 0.4 s handoff (x LEAD_FACTOR, + LEAD_SLACK): the worker
+    asks about 55 requests before its limit of 300, then says DUE at the limit."""
+    worker._safe_retire_after, worker._safe_ask_at = 300, 150
+    worker._safe_lead_seconds = _worker.LEAD_FACTOR * 0.4 + _worker.LEAD_SLACK
+    lead = 100 * worker._safe_lead_seconds
+    asked_at = None
+    for nr in range(150, 301):
+        worker.nr = nr
+        worker._safe_ready_at = time.monotonic() - nr / 100.0
+        worker.notify()
+        if worker.sent and asked_at is None:
+            asked_at = nr
+    assert 300 - lead - 3 <= asked_at <= 300 - lead + 1, (asked_at, lead)
+    assert worker.sent == [(_schedule.RETIRE, "max_requests"), (_schedule.DUE, "max_requests")]
+    assert worker.alive
+
+
+def test_max_requests_looks_again_halfway_not_on_every_iteration(worker):
+    worker._safe_retire_after, worker._safe_ask_at = 1000, 500
+    worker._safe_lead_seconds = 0.5
+    worker._safe_ready_at = time.monotonic() - 50.0  # 10 requests a second: lead 5
+    worker.nr = 500
+    worker.notify()
+    assert worker.sent == [] and worker._safe_ask_at == 500 + (1000 - 500 - 5) // 2
+
+
+def test_the_cap_is_the_stock_way(worker):
+    """gunicorn's own check stops the worker at the cap (``max_requests`` is set to it):
+    the worker tells the arbiter it is LEAVING and logs the stock way."""
+    assert _worker.cap_for(512) == 563 and _worker.cap_for(5) == 6
+    worker._safe_retire_after, worker.max_requests = 5, _worker.cap_for(5)
+    worker.nr = 5
+    worker.notify()
+    worker.nr = 6
+    worker._stop_keeping_alive()
+    assert worker._safe_stopped_by == "cap"
+    assert worker.sent == [(_schedule.DUE, "max_requests"), (_schedule.LEAVING, "max_requests")]
+
+
+def test_a_term_below_the_cap_is_no_stock_way(worker):
+    worker._safe_retire_after, worker.max_requests, worker.nr = 5, 6, 5
+    worker._stop_keeping_alive()
+    assert worker._safe_stopped_by is None and worker.sent == []
 
 
 def test_lifetime_asks_for_a_successor(worker):
     worker._safe_retire_after = None
     worker._safe_lifetime_at = time.monotonic() - 1
     worker.notify()
-    assert worker.sent == [(_schedule.RETIRE, "max_worker_lifetime")] and worker.alive
+    assert worker.sent == [(_schedule.DUE, "max_worker_lifetime")] and worker.alive
 
 
 def test_memory_limit_stops_accepting_at_once(worker):
-    worker._retire("max_worker_memory")
+    worker._retire("max_worker_memory", due=True)
     worker._retire("max_worker_memory", now_=True)
-    assert worker.sent == [(_schedule.RETIRE, "max_worker_memory"),
+    assert worker.sent == [(_schedule.DUE, "max_worker_memory"),
                            (_schedule.LEAVING, "max_worker_memory")]
     assert not worker.alive and worker._safe_stopped_by == "limit"
 
