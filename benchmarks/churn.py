@@ -133,6 +133,12 @@ def measure(spec):
                        proxy_errors=len(proxy.upstream_failures()),
                        tracebacks=server.tracebacks(),
                        cpu=None if cpu is None or before_cpu is None else cpu - before_cpu)
+        # Requests each retired worker served (safe workers log it); for both workers,
+        # requests per restart is the like-for-like figure beside any throughput.
+        figures["lifetimes"] = [int(n) for n in re.findall(
+            r"Worker retired \(pid: \d+, reason: max_requests\): (\d+) requests",
+            server.errorlog())]
+        figures["fallbacks"] = len(re.findall(r"the stock way", server.errorlog()))
         if rss_log is not None:
             figures["rss"] = rss_log
             figures["retired"] = re.findall(r"Worker retired \(pid: \d+, reason: (\w+)\)",
@@ -167,6 +173,17 @@ def rate(fig):
     return fig["ok"] / fig["seconds"] if fig["seconds"] else 0.0
 
 
+def per_restart(figs):
+    """Successful requests per restart over a list of runs (None without restarts)."""
+    restarts = sum(f["restarts"] for f in figs)
+    return "%.0f" % (sum(f["ok"] for f in figs) / float(restarts)) if restarts else "-"
+
+
+def most_per_life(figs):
+    lifetimes = [n for f in figs for n in f.get("lifetimes", ())]
+    return str(max(lifetimes)) if lifetimes else "-"
+
+
 def cpu_per_1000(fig):
     return None if not fig.get("cpu") or not fig["ok"] else 1000.0 * fig["cpu"] / fig["ok"]
 
@@ -193,7 +210,8 @@ def goodput(args, versions, wheel):
                 for worker, mr in order:
                     settings = dict(GOODPUT, max_requests=mr, max_requests_jitter=60 if mr else 0)
                     spec = {"tmp": args.tmp, "worker": worker, "settings": settings,
-                            "seconds": args.seconds, "connections": 32}
+                            "seconds": args.seconds, "connections": 32,
+                            "configure": args.configure if worker == "safe" else None}
                     fig = run_one(venv, spec, env)
                     figs[(worker, mr)].append(fig)
                     print("  %s boot %ss %s max_requests %d: %.0f req/s, %d failed, "
@@ -208,6 +226,7 @@ def goodput(args, versions, wheel):
                 rows.append((version, "%ss" % boot, worker, spread(ratios),
                              spread([rate(f) for f in churn]),
                              spread([rate(f) for f in figs[(worker, 0)]]),
+                             per_restart(churn), most_per_life(churn),
                              spread([cpu_per_1000(f) for f in churn]),
                              sum(f["failed"] + f["proxy_errors"] for f in churn),
                              sum(f["restarts"] for f in churn),
@@ -215,7 +234,8 @@ def goodput(args, versions, wheel):
                                          max(f["most"] for f in churn))))
     print()
     _run.print_table(("gunicorn", "boot", "worker", "churn / no-restart goodput", "req/s churn",
-                      "req/s no restart", "CPU s per 1,000 (churn)", "failed", "restarts",
+                      "req/s no restart", "requests per restart", "most in one life",
+                      "CPU s per 1,000 (churn)", "failed", "restarts",
                       "booted..processes"), rows)
 
 
@@ -227,20 +247,26 @@ def cpu(args, versions, wheel):
         for pair in range(args.pairs):
             for worker in (("stock", "safe") if pair % 2 == 0 else ("safe", "stock")):
                 spec = {"tmp": args.tmp, "worker": worker, "connections": 200,
-                        "settings": dict(CPU, max_requests=512), "seconds": args.seconds}
+                        "settings": dict(CPU, max_requests=512), "seconds": args.seconds,
+                        "configure": args.configure if worker == "safe" else None}
                 fig = run_one(venv, spec, {})
                 figs[worker].append(fig)
-                print("  %s %s: %.0f req/s, %d failed, %d restarts, %.3f CPU s/1000" % (
-                    version, worker, rate(fig), fig["failed"], fig["restarts"],
-                    cpu_per_1000(fig) or 0), flush=True)
+                print("  %s %s: %.0f req/s, %d failed, %d restarts (%s per restart, most "
+                      "in one life %s, %d the stock way), %.3f CPU s/1000" % (
+                          version, worker, rate(fig), fig["failed"], fig["restarts"],
+                          per_restart([fig]), most_per_life([fig]), fig["fallbacks"],
+                          cpu_per_1000(fig) or 0), flush=True)
         ratios = [rate(s) / rate(k) for s, k in zip(figs["safe"], figs["stock"]) if rate(k)]
         rows.append((version, spread(ratios), spread([rate(f) for f in figs["stock"]]),
                      spread([rate(f) for f in figs["safe"]]),
+                     per_restart(figs["stock"]), per_restart(figs["safe"]),
+                     most_per_life(figs["safe"]),
                      spread([cpu_per_1000(f) for f in figs["stock"]]),
                      spread([cpu_per_1000(f) for f in figs["safe"]]),
                      sum(f["failed"] for f in figs["stock"]), sum(f["failed"] for f in figs["safe"])))
     print()
     _run.print_table(("gunicorn", "safe / stock req/s", "stock req/s", "safe req/s",
+                      "stock req/restart", "safe req/restart", "safe most in one life",
                       "stock CPU s/1000", "safe CPU s/1000", "stock failed", "safe failed"), rows)
 
 
@@ -321,6 +347,9 @@ def main():
     parser.add_argument("--limit", default="256M")
     parser.add_argument("--leak", type=int, default=1048576)
     parser.add_argument("--out", default=os.path.join(_run.BENCH_DIR, "churn"))
+    parser.add_argument("--configure", default=None,
+                        help="safe_gthread.configure() arguments for the safe worker, "
+                             "e.g. 'max_retiring=2'")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     args.tmp = os.path.join(_run.BENCH_DIR, "tmp")

@@ -124,6 +124,7 @@ class _Scheduler(object):
         self.handoffs = {}  # old pid -> _Retirement with a successor (or leaving)
         self.reload_age = 0  # workers of this age or older belong to a HUP: not ours
         self.spawning_for = None
+        self.booting = {}  # successor pid -> (its age, when its predecessor asked)
         self.handoff_time = None
         self.fallbacks = 0  # workers that retired the stock way (cap or timeout)
         self.warned_at = None
@@ -159,14 +160,18 @@ class _Scheduler(object):
                         self._fell_back(arbiter, rec, "its request cap")
 
     def _successor_ready(self, arbiter, pid, age, now):
+        # Measured whether or not the old worker is still there (it may have reached its
+        # cap and left): this is what the next workers must ask ahead by.
+        booting = self.booting.pop(pid, None)
+        if booting is not None and booting[0] == age:
+            took = now - booting[1]
+            self.handoff_time = took if self.handoff_time is None else (
+                EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * self.handoff_time)
         for rec in self.handoffs.values():
             if rec.successor == pid and rec.successor_age == age and rec.ready_at is None:
                 rec.ready_at = now
-                took = now - rec.since
-                self.handoff_time = took if self.handoff_time is None else (
-                    EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * self.handoff_time)
                 _log.debug("safe-gthread: worker %s ready %.2fs after worker %s asked (%s)",
-                           pid, took, rec.pid, rec.reason)
+                           pid, now - rec.since, rec.pid, rec.reason)
                 if rec.due or rec.leaving:
                     self._term(arbiter, rec)
                 return
@@ -206,6 +211,9 @@ class _Scheduler(object):
     def prune(self, arbiter):
         workers = arbiter.WORKERS
         now = self.clock()
+        for pid, (age, _) in list(self.booting.items()):
+            if not _same(workers, pid, age):
+                del self.booting[pid]
         for pid, rec in list(self.queue.items()):
             if not _same(workers, pid, rec.age):
                 del self.queue[pid]  # left with no successor: gunicorn replaces it
@@ -252,6 +260,7 @@ class _Scheduler(object):
             rec.successor_age = getattr(workers[born[0]], "age", None)
             rec.spawned_at = self.clock()
             self.handoffs[pid] = rec
+            self.booting[rec.successor] = (rec.successor_age, rec.since)
             _log.debug("safe-gthread: worker %s retiring (%s): successor %s", pid,
                        rec.reason, rec.successor)
         if len(self.queue) != (self.queued_sent or 0):
@@ -265,6 +274,7 @@ class _Scheduler(object):
         """HUP: every worker now running is gunicorn's to replace, not ours."""
         self.queue.clear()
         self.handoffs.clear()
+        self.booting.clear()
         self.reload_age = getattr(arbiter, "worker_age", 0)
 
     def retiring(self):

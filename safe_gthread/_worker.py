@@ -47,7 +47,7 @@ DEFAULT_HANDOFF_WAIT = 30.0
 #: ``max_requests`` keeps its meaning: a worker whose successor is not ready by the time
 #: it has served this share of its limit (gunicorn's ``max_requests`` + its jitter draw)
 #: retires the stock way (gunicorn's own check, set to this cap, stops it).
-CAP_SHARE = 1.1
+CAP_SHARE = 1.05
 
 #: A worker asks for its successor this much earlier than the measured handoff time
 #: (request to ready) says it must, at its current request rate, for the successor to be
@@ -264,6 +264,13 @@ class Worker(_Retirement, ThreadWorker):
             if newly_due:
                 self._safe_due = True
                 self._safe_fallback_at = time.monotonic() + self._safe_handoff_wait
+                # From the limit on, each response closes its connection (as gunicorn
+                # 27.0.1 does at max_requests, benoitc/gunicorn#3821): by the time the
+                # successor is ready, few kept-alive connections are left to be served
+                # one more request each, so the requests past the limit stay few.
+                shed = getattr(super(), "_stop_keeping_alive", None)
+                if shed is not None:
+                    shed()
             elif not first and not now_:
                 return
             if now_:

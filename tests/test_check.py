@@ -53,7 +53,7 @@ def test_json_reports_affected_and_safe_held(scratch):
     assert report["python"] == "%d.%d.%d" % sys.version_info[:3]
     for phase in ("stock", "safe"):
         for key in ("restarts", "socket_survived", "requests", "failed_requests",
-                    "successful_requests_per_second", "tracebacks"):
+                    "successful_requests_per_second", "requests_per_restart", "tracebacks"):
             assert key in report[phase], key
         assert report[phase]["requests"] > 0
     stock, safe = report["stock"], report["safe"]
@@ -69,6 +69,8 @@ def test_json_reports_affected_and_safe_held(scratch):
     assert safe["socket_survived"] is True
     assert safe["failed_requests"] == 0, safe
     assert safe["restarts"] > 0
+    assert safe["requests_per_restart"] == pytest.approx(
+        (safe["requests"] - safe["failed_requests"]) / float(safe["restarts"]), abs=0.1)
     assert safe["tracebacks"] == 0
     assert report["held"] is True
     # Progress went to stderr, never into the JSON.
@@ -177,6 +179,31 @@ def test_report_exit_status_when_the_safe_worker_fails():
     assert "safe_gthread.Worker did NOT hold: it failed 3 of 100 requests" in report["verdict"]
     report = cli.Check(args)._report({"stock": phase(), "safe": phase(restarts=0)})
     assert report["exit_status"] == 2 and "inconclusive" in report["verdict"]
+
+
+def test_unequal_restart_rates_are_called_out():
+    """Throughput compares like for like only at like restart rates: the table's note and
+    the verdict say so when requests per restart differ by more than 1.25x."""
+    import argparse
+    from safe_gthread.check import cli
+
+    args = argparse.Namespace(seconds=3, max_requests=50, workers=2, threads=2, proxy=None,
+                              json=False, bind="unix", reuse_port=False)
+
+    def phase(per_restart):
+        return {"restarts": 10, "socket_survived": True, "socket_lost_at_restart": None,
+                "requests": 1000, "failed_requests": 0, "requests_per_restart": per_restart,
+                "successful_requests_per_second": 100.0, "tracebacks": 0, "errors": {}}
+
+    check = cli.Check(args)
+    check.clients = 4
+    report = check._report({"stock": phase(213.0), "safe": phase(1355.0)})
+    assert "restarted at different rates" in report["verdict"]
+    assert "Note: the two workers restarted at different rates (213 vs 1,355 requests per " \
+           "restart)" in check._table(report)
+    report = check._report({"stock": phase(213.0), "safe": phase(240.0)})
+    assert "different rates" not in report["verdict"] + check._table(report)
+    assert "requests per restart" in check._table(report)
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------

@@ -457,7 +457,7 @@ def test_max_requests_looks_again_halfway_not_on_every_iteration(worker):
 def test_the_cap_is_the_stock_way(worker):
     """gunicorn's own check stops the worker at the cap (``max_requests`` is set to it):
     the worker tells the arbiter it is LEAVING and logs the stock way."""
-    assert _worker.cap_for(512) == 563 and _worker.cap_for(5) == 6
+    assert _worker.cap_for(512) == 537 and _worker.cap_for(5) == 6
     worker._safe_retire_after, worker.max_requests = 5, _worker.cap_for(5)
     worker.nr = 5
     worker.notify()

@@ -400,6 +400,9 @@ class Check(object):
             "failed_requests": result.failed,
             "successful_requests_per_second": round(result.ok / result.seconds, 1)
             if result.seconds else 0.0,
+            # Beside any throughput: two workers that restart at different rates do not
+            # compare like for like.
+            "requests_per_restart": round(result.ok / float(restarts), 1) if restarts else None,
             "errors": dict(result.errors),
             "seconds": round(result.seconds, 2),
             "tracebacks": server.tracebacks(),
@@ -461,6 +464,9 @@ class Check(object):
              lambda p: ("yes" if p["socket_survived"] else "NO") if unix else "n/a (TCP)"),
             ("requests", lambda p: _n(p["requests"])),
             ("failed requests", lambda p: _n(p["failed_requests"])),
+            ("requests per restart",
+             lambda p: "-" if p["requests_per_restart"] is None
+             else _n(int(round(p["requests_per_restart"])))),
             ("successful requests/s",
              lambda p: _n(int(round(p["successful_requests_per_second"])))),
             ("tracebacks in the log", lambda p: _n(p["tracebacks"])),
@@ -488,8 +494,27 @@ class Check(object):
                 out.append("%s failures: %s" % (label, ", ".join(
                     "%s %s" % (_n(count), kind)
                     for kind, count in sorted(errors.items(), key=lambda kv: -kv[1]))))
+        unequal = _unequal_restarts(report)
+        if unequal:
+            out += ["", "Note: %s." % unequal]
         out += ["", report["verdict"], ""]
         return "\n".join(out)
+
+
+#: Restart rates within this factor of each other compare like for like.
+LIKE_FOR_LIKE = 1.25
+
+
+def _unequal_restarts(report):
+    """A sentence when the two workers restarted at different rates (requests per
+    restart more than ``LIKE_FOR_LIKE`` apart), else None."""
+    stock = report["stock"].get("requests_per_restart")
+    safe = report["safe"].get("requests_per_restart")
+    if not stock or not safe or max(stock, safe) <= LIKE_FOR_LIKE * min(stock, safe):
+        return None
+    return ("the two workers restarted at different rates (%s vs %s requests per restart), "
+            "so their requests/s do not compare like for like"
+            % (_n(int(round(stock))), _n(int(round(safe)))))
 
 
 def _verdict(report):
@@ -523,6 +548,9 @@ def _verdict(report):
     else:
         second = "safe_gthread.Worker held%s: it %s" % (
             "" if report["affected"] else " too", clean % _plural(safe["restarts"], "restart"))
+        unequal = _unequal_restarts(report)
+        if unequal:
+            second += " (%s)" % unequal.split(" (")[0]
     return "%s; %s." % (first, second)
 
 
