@@ -175,8 +175,8 @@ def unit(name):
 
 
 def load(address, server, restarts=5, seconds=30.0):
-    # Until ``restarts`` restarts: a retiring worker serves until its successor is ready
-    # (issue 12), so at loopback speed it answers hundreds of requests past max_requests.
+    # Until ``restarts`` restarts, counted as workers booted: a retiring worker serves while
+    # its successor boots, so the count, not the requests sent, says when to stop.
     return _load.run_load(address, seconds=seconds, concurrency=4,
                           stop=lambda: server.restarts() >= restarts)
 
@@ -207,7 +207,7 @@ def test_web_py_is_the_reports_bottle_app():
 
 @pytest.mark.parametrize("variant", ["example", "seed"])
 def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started, variant):
-    """The supervisor program's command line, with examples/config.py. The seed's own
+    """The supervisor program's command line, with examples/config.py. The original report's own
     line (``worker_class = 'sync'`` with threads: stock gthread) is the control: it must
     lose the socket where stock workers unlink it, gunicorn <= 19.6.0."""
     worker_line = "worker_class = 'sync'" if variant == "seed" else None
@@ -245,8 +245,8 @@ def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started,
 
     server.signal(signal.SIGTERM)
     # A worker still booting when TERM comes has the arbiter's handlers yet and misses it
-    # (stock gunicorn); the arbiter kills it after graceful_timeout, 30 s in the seed's
-    # config. The stop must still end cleanly and remove the socket.
+    # (stock gunicorn); the arbiter kills it after graceful_timeout, 30 s in the original
+    # report's config. The stop must still end cleanly and remove the socket.
     assert server.wait_exit(timeout=45) == 0, server.log()
     assert server.inode() is None  # its clean stop removes the socket it bound
 
@@ -607,6 +607,32 @@ def test_examples_run_as_the_units_user(app_dir, started, group):
     server.signal(signal.SIGTERM)
     assert server.wait_exit(timeout=45) == 0, server.log()
     assert not os.path.lexists(sock)
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+def test_kubernetes_example_is_consistent_with_config_py():
+    """No cluster here: the manifest is checked against config.py and the sizing rule of
+    docs/settings.md instead of started."""
+    yaml = pytest.importorskip("yaml")
+    pod = yaml.safe_load(read_example("kubernetes.yaml"))["spec"]["template"]["spec"]
+    settings, _ = settings_of(read_example("config.py"))
+    assert pod["terminationGracePeriodSeconds"] > settings.get("graceful_timeout", 30)
+    gunicorn, nginx = pod["containers"]
+    socket_dir = os.path.dirname(settings["bind"][len("unix:"):])
+    for container in (gunicorn, nginx):
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["socket"] == socket_dir
+    assert grp.getgrnam(settings["group"]).gr_gid == gunicorn["securityContext"]["runAsGroup"]
+    assert "server unix:%s/gunicorn.sock " % socket_dir in read_example("nginx.conf")
+    command = gunicorn["command"][-1]
+    assert command.split("; exec ")[1].split() == shlex.split(
+        supervisor_program()["command"])[:3] + ["--worker-tmp-dir", "/dev/shm", "web:app"]
+    env = {e["name"]: e["value"] for e in gunicorn["env"]}
+    memory = int(env["SAFE_GTHREAD_MAX_WORKER_MEMORY"].rstrip("M"))
+    limit = int(gunicorn["resources"]["limits"]["memory"].rstrip("Mi"))
+    workers = settings["workers"] + int(env["SAFE_GTHREAD_MAX_RETIRING"])
+    assert limit >= workers * memory * 1.15 + 30
 
 
 # -- supervisor ------------------------------------------------------------------------------
