@@ -1,15 +1,20 @@
-# gunicorn settings: the configuration of the original bug report (a Japanese write-up
+# gunicorn settings: the configuration of the original report (a Japanese write-up
 # that reproduced benoitc/gunicorn#1298, gunicorn 19.6.0 deleting its unix socket after
-# max_requests, behind h2o under wrk), with one line changed.
+# max_requests, behind h2o under wrk).
 #
 #   gunicorn -c config.py web:app
 #
-# The changes are worker_class, and umask and group (the original's umask = 0 made the
-# socket mode 0777: any local user could send requests to the app). Remove the
+# Four lines differ from the original: worker_class (the fix); bind, umask and group
+# (the original's /tmp/gunicorn.sock with umask = 0 was mode 0777 in a directory every
+# local user shares: anyone on the host could send requests to the app). Remove the
 # worker_class line again once you run a gunicorn that no longer needs it (see
 # docs/upgrading.md); nothing else here depends on it.
+#
+# /run/gunicorn must exist and belong to www-data: gunicorn.service creates it
+# (RuntimeDirectory=gunicorn); elsewhere, as root, once per boot:
+#   install -d -o www-data -g www-data -m 0755 /run/gunicorn
 
-bind = 'unix:/tmp/gunicorn.sock'
+bind = 'unix:/run/gunicorn/gunicorn.sock'
 backlog = 2048
 
 workers = 5
@@ -28,12 +33,15 @@ spew = False
 
 daemon = False
 pidfile = None
-# The socket is created mode 0770, owned by group: set group to your proxy's group
-# ("nogroup" for h2o or nginx running as nobody, as in h2o.conf and nginx.conf here;
-# "www-data" for Debian's packaged nginx). The workers run with that group too.
+# The socket is created mode 0770, owned by group: only that group's members (the
+# proxy's workers) may connect. gunicorn runs as www-data here (gunicorn.service,
+# supervisor.conf) and so do the proxies' workers (nginx.conf, h2o.conf; Debian's
+# packaged nginx too). A process that is not root can only give the socket a group it
+# is in: with another group here, gunicorn fails at bind ("Permission denied").
+# The workers run with that group too.
 umask = 0o007
 user = None
-group = 'nogroup'
+group = 'www-data'
 tmp_upload_dir = None
 
 #   Logging

@@ -1,15 +1,13 @@
 # -*- coding:utf-8 -*-
-"""The original bug report's "Hello World" app as plain WSGI (no framework to install).
+# The original report's web.py, unchanged: a bottle "Hello World".
+#
+#   pip install bottle==0.13.5      # the report used 0.12.13, which does not install on
+#                                   # Python 3.10 and newer; 0.13.5 runs on 3.6 - 3.13
+#   gunicorn -c config.py web:app
+from bottle import route, run, default_app
 
-    gunicorn -c config.py web:app
+@route('/')
+def index():
+  return 'Hello World'
 
-The original used bottle 0.12.13, which does not install on new Pythons; any WSGI
-app works the same way with safe_gthread.Worker.
-"""
-
-
-def app(environ, start_response):
-    body = b"Hello World"
-    start_response("200 OK", [("Content-Type", "text/plain"),
-                              ("Content-Length", str(len(body)))])
-    return [body]
+app = default_app()

@@ -86,19 +86,21 @@ def test_requirements(python, gunicorn):
     """What the tests need besides the package, pinned to what still supports ``python``.
 
     gevent and eventlet let tests/test_scenarios.py run the guard under every built-in
-    worker class (``eventlet_requirement``).
+    worker class (``eventlet_requirement``). bottle is the original report's framework
+    (examples/web.py); 0.13.5 installs and runs on every Python 3.6 - 3.13.
     """
+    bottle = ["bottle==0.13.5"]
     if python == "3.6":
         return ["pytest>=7.0,<7.1", "hypothesis>=6.31,<6.32",
-                eventlet_requirement(gunicorn, python), "gevent>=21,<22.11"]
+                eventlet_requirement(gunicorn, python), "gevent>=21,<22.11"] + bottle
     if python == "3.7":
-        return ["pytest>=7.4,<7.5", "hypothesis>=6.79,<6.80"]
+        return ["pytest>=7.4,<7.5", "hypothesis>=6.79,<6.80"] + bottle
     # mkdocs (tests/test_docs.py builds the site) runs on Python >= 3.8; build and twine
     # (tests/test_packaging.py) are needed in one cell only.
     docs = ["mkdocs>=1.6,<2"]
     packaging = ["build>=1.2,<2", "twine>=6,<8"] if python == "3.13" else []
     workers = [eventlet_requirement(gunicorn, python), "gevent"]
-    return ["pytest>=8,<9", "hypothesis>=6.100,<7"] + docs + packaging + workers
+    return ["pytest>=8,<9", "hypothesis>=6.100,<7"] + docs + packaging + workers + bottle
 
 
 def find_python(version):

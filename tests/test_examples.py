@@ -1,13 +1,14 @@
 """Every file under examples/ is started for real, as its comments say to run it.
 
-The files keep the blog post's paths (/tmp/gunicorn.sock, port 18080, /srv/app):
-each test reads a file, replaces exactly those texts with its own (a socket in a
-private directory, a free loopback port), checks that each replacement matched,
+The files keep their deployment's paths (/run/gunicorn/gunicorn.sock, port 18080,
+/srv/app): each test reads a file, replaces exactly those texts with its own (a socket
+in a private directory, a free loopback port), checks that each replacement matched,
 and runs the result. Servers run in a new session and are ended by process group.
 """
 import ast
 import configparser
 import grp
+import pwd
 import os
 import re
 import shlex
@@ -29,13 +30,13 @@ from conftest import require_tool
 from versions import STOCK_WORKERS_UNLINK
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-SEED_SOCKET = "/tmp/gunicorn.sock"
+SOCKET = "/run/gunicorn/gunicorn.sock"
 SEED_PORT = "18080"
 APP_DIR = "/srv/app"
 
-#: The blog post's config.py, setting by setting (hooks aside): examples/config.py
-#: must keep every one of them but worker_class, umask and group (the safe form:
-#: connectable by the proxy's group only).
+#: The original report's config.py, setting by setting (hooks aside): examples/config.py
+#: must keep every one of them but worker_class, and bind, umask and group (the safe
+#: form: a socket in its own directory, connectable by the proxy's group only).
 SEED_SETTINGS = {
     "bind": "unix:/tmp/gunicorn.sock", "backlog": 2048, "workers": 5, "threads": 5,
     "worker_class": "sync", "worker_connections": 1000, "timeout": 30, "keepalive": 2,
@@ -110,12 +111,14 @@ def started():
         thing.stop()
 
 
-def install_app(directory, bind=None, max_requests=20, worker_line=None):
+def install_app(directory, bind=None, max_requests=20, worker_line=None, group_line=None):
     """examples/config.py and web.py in ``directory`` as config.py and web.py, the socket
     moved into ``directory``, two workers, a small max_requests, the error log to a file."""
     config = read_example("config.py")
-    config = replace(config, "unix:" + SEED_SOCKET,
+    config = replace(config, "unix:" + SOCKET,
                      bind or "unix:" + os.path.join(directory, "gunicorn.sock"), count=1)
+    if group_line is not None:
+        config = replace_line(config, r"^group = 'www-data'$", group_line)
     config = replace_line(config, r"^workers = 5$", "workers = 2")
     config = replace_line(config, r"^max_requests = 512$", "max_requests = %d" % max_requests)
     config = replace_line(config, r"^errorlog = '-'$",
@@ -137,7 +140,8 @@ class ExampleServer(Gunicorn):
     """gunicorn started with a given command line (the supervisor program's, the systemd
     unit's) in ``directory``, with the examples' config.py and web.py installed there."""
 
-    def __init__(self, directory, argv, sock_path, pass_fds=()):
+    def __init__(self, directory, argv, sock_path, pass_fds=(), env=None):
+        self.env = env
         self.directory = directory
         self.sock_path = sock_path
         self.log_path = os.path.join(directory, "gunicorn.log")
@@ -150,7 +154,7 @@ class ExampleServer(Gunicorn):
         self._out = open(os.path.join(self.directory, "gunicorn.out"), "wb")
         self.proc = subprocess.Popen(self.argv, cwd=self.directory, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     pass_fds=self.pass_fds)
+                                     pass_fds=self.pass_fds, env=self.env)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -171,34 +175,39 @@ def unit(name):
 
 
 def load(address, server, restarts=5, seconds=30.0):
-    # Until ``restarts`` restarts: a retiring worker serves until its successor is ready
-    # (issue 12), so at loopback speed it answers hundreds of requests past max_requests.
+    # Until ``restarts`` restarts, counted as workers booted: a retiring worker serves while
+    # its successor boots, so the count, not the requests sent, says when to stop.
     return _load.run_load(address, seconds=seconds, concurrency=4,
                           stop=lambda: server.restarts() >= restarts)
 
 
 # -- config.py and web.py ------------------------------------------------------------------
 
-def test_config_py_is_the_seed_with_one_line_changed():
+def test_config_py_is_the_reports_with_the_fix_and_a_private_socket():
     settings, hooks = settings_of(read_example("config.py"))
     expected = dict(SEED_SETTINGS, worker_class="safe_gthread.Worker", umask=0o007,
-                    group="nogroup")
+                    group="www-data", bind="unix:" + SOCKET)
     assert settings == expected
     assert hooks == SEED_HOOKS
 
 
-def test_web_py_is_a_plain_wsgi_app():
+def test_web_py_is_the_reports_bottle_app():
+    import bottle
+    assert bottle.__version__ == "0.13.5", "examples/web.py names bottle 0.13.5"
+    assert "pip install bottle==%s" % bottle.__version__ in read_example("web.py")
     namespace = {}
     exec(compile(read_example("web.py"), "web.py", "exec"), namespace)
+    assert isinstance(namespace["app"], bottle.Bottle)
     seen = []
-    body = b"".join(namespace["app"]({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
-                                     lambda status, headers: seen.append(status)))
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_NAME": "localhost",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    body = b"".join(namespace["app"](environ, lambda status, headers, *exc: seen.append(status)))
     assert (seen, body) == (["200 OK"], b"Hello World")
 
 
 @pytest.mark.parametrize("variant", ["example", "seed"])
 def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started, variant):
-    """The supervisor program's command line, with examples/config.py. The seed's own
+    """The supervisor program's command line, with examples/config.py. The original report's own
     line (``worker_class = 'sync'`` with threads: stock gthread) is the control: it must
     lose the socket where stock workers unlink it, gunicorn <= 19.6.0."""
     worker_line = "worker_class = 'sync'" if variant == "seed" else None
@@ -212,11 +221,11 @@ def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started,
     server.start()
     assert _load.request(sock)[2] == b"Hello World"
     inode = server.inode()
-    # umask = 0o007, group = nogroup: the proxies' group (they run as nobody) may connect,
-    # other local users may not.
+    # umask = 0o007, group = www-data: the proxies' group (their workers run as
+    # www-data) may connect, other local users may not.
     st = os.stat(sock)
     assert stat.S_IMODE(st.st_mode) == 0o770
-    assert grp.getgrgid(st.st_gid).gr_name == "nogroup"
+    assert grp.getgrgid(st.st_gid).gr_name == "www-data"
 
     result = load(sock, server)
     if variant == "seed":
@@ -236,8 +245,8 @@ def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started,
 
     server.signal(signal.SIGTERM)
     # A worker still booting when TERM comes has the arbiter's handlers yet and misses it
-    # (stock gunicorn); the arbiter kills it after graceful_timeout, 30 s in the seed's
-    # config. The stop must still end cleanly and remove the socket.
+    # (stock gunicorn); the arbiter kills it after graceful_timeout, 30 s in the original
+    # report's config. The stop must still end cleanly and remove the socket.
     assert server.wait_exit(timeout=45) == 0, server.log()
     assert server.inode() is None  # its clean stop removes the socket it bound
 
@@ -286,7 +295,7 @@ class Proxy(object):
 
 def h2o_config(directory, sock, port):
     text = read_example("h2o.conf")
-    text = replace(text, SEED_SOCKET, sock, count=1)
+    text = replace(text, SOCKET, sock, count=1)
     text = replace(text, "  port: %s\n" % SEED_PORT,
                    "  host: 127.0.0.1\n  port: %d\n" % port, count=1)
     text = replace(text, "access-log: /dev/stdout",
@@ -296,7 +305,7 @@ def h2o_config(directory, sock, port):
 
 def nginx_config(directory, sock, port):
     text = read_example("nginx.conf")
-    text = replace(text, "server unix:%s " % SEED_SOCKET, "server unix:%s " % sock, count=1)
+    text = replace(text, "server unix:%s " % SOCKET, "server unix:%s " % sock, count=1)
     text = replace(text, "listen %s;" % SEED_PORT, "listen 127.0.0.1:%d;" % port, count=1)
     text = replace(text, "pid /tmp/nginx-gunicorn.pid;",
                    "pid %s;" % os.path.join(directory, "nginx.pid"), count=1)
@@ -352,8 +361,7 @@ def test_systemd_units_are_consistent_with_config_py():
     plain, activated = unit("gunicorn.service"), unit(SOCKET_ACTIVATED)
     sock_unit = unit("gunicorn.socket")
     assert sock_unit.sections() == ["Unit", "Socket", "Install"]
-    # The plain unit names no socket unit: Wants= would start an installed gunicorn.socket
-    # even when it is not enabled, and 19.6.0's guard would refuse systemd's live socket.
+    # The plain unit binds its socket itself and names no socket unit.
     for key in ("Wants", "Requires", "BindsTo"):
         assert "gunicorn.socket" not in plain["Unit"].get(key, "")
     assert "gunicorn.socket" not in plain["Unit"].get("After", "")
@@ -370,11 +378,19 @@ def test_systemd_units_are_consistent_with_config_py():
         assert service["Service"]["KillSignal"] == "SIGTERM"
         graceful = settings.get("graceful_timeout", 30)
         assert int(service["Service"]["TimeoutStopSec"]) > graceful
-    # Apart from how they find the socket, the two units run gunicorn the same way.
-    assert dict(plain["Service"]) == dict(activated["Service"])
-    # The socket unit listens where config.py binds, as the proxies expect.
+        assert service["Service"]["User"] == "www-data"
+        assert service["Service"]["PrivateTmp"] == "true"  # the socket is not in /tmp
+    # Apart from how they find the socket, the two units run gunicorn the same way: the
+    # plain one has systemd create the socket's directory, /run/gunicorn, for its User=.
+    runtime = {"RuntimeDirectory": "gunicorn", "RuntimeDirectoryMode": "0755"}
+    assert dict(plain["Service"]) == dict(activated["Service"], **runtime)
+    assert settings["bind"] == "unix:/run/%s/gunicorn.sock" % runtime["RuntimeDirectory"]
+    # The socket unit listens where config.py binds, as the proxies expect, for the
+    # group config.py gives the socket.
     assert "unix:" + sock_unit["Socket"]["ListenStream"] == settings["bind"]
     assert int(sock_unit["Socket"]["Backlog"]) == settings["backlog"]
+    assert sock_unit["Socket"]["SocketGroup"] == settings["group"]
+    assert int(sock_unit["Socket"]["SocketMode"], 8) == 0o666 & ~settings["umask"]
 
 
 @pytest.mark.parametrize("files", [
@@ -402,26 +418,20 @@ def test_systemd_units_verify(tmp_path, files):
     assert not ours, proc.stdout
 
 
-def has_socket_activation():
-    try:
-        from gunicorn import systemd  # noqa: F401  (added in gunicorn 19.7.0)
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not has_socket_activation(),
-                    reason="this gunicorn has no systemd socket activation (19.7.0 added it)")
-def test_systemd_socket_activation(app_dir, started):
+@pytest.mark.parametrize("variant", ["example", "stock"])
+def test_systemd_socket_activation(app_dir, started, variant):
     """gunicorn.socket's socket, bound here as systemd would, handed over with LISTEN_FDS
-    and LISTEN_PID to gunicorn-socket-activated.service's ExecStart: gunicorn serves on it (not on
-    config.py's bind), keeps it across restarts and leaves it to its owner at stop."""
+    and LISTEN_PID to gunicorn-socket-activated.service's ExecStart: gunicorn serves on it
+    (not on config.py's bind; every supported gunicorn, 19.6.0 included, honours
+    LISTEN_FDS), keeps it across restarts and leaves it to its owner at stop. The stock
+    worker is the control: stock 19.6.0's UnixSocket.close() unlinks systemd's file."""
     socket_unit = unit("gunicorn.socket")["Socket"]
     service = unit(SOCKET_ACTIVATED)["Service"]
     sock_path = os.path.join(app_dir, "gunicorn.sock")
-    assert socket_unit["ListenStream"] == SEED_SOCKET
+    assert socket_unit["ListenStream"] == SOCKET
     unused = os.path.join(app_dir, "unused.sock")
-    install_app(app_dir, bind="unix:" + unused)
+    install_app(app_dir, bind="unix:" + unused,
+                worker_line="worker_class = 'sync'" if variant == "stock" else None)
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -440,7 +450,18 @@ def test_systemd_socket_activation(app_dir, started):
         server.start()
         assert not os.path.exists(unused), "gunicorn bound config.py's socket itself"
 
-        result = load(sock_path, server)
+        result = _load.run_load(sock_path, seconds=30.0, concurrency=4, stop=lambda: (
+            server.restarts() >= 5 or not os.path.lexists(sock_path)))
+        if variant == "stock":
+            if STOCK_WORKERS_UNLINK:
+                assert not os.path.lexists(sock_path), \
+                    "control: stock 19.6.0 should unlink systemd's socket\n" + server.log()
+                return
+            server.signal(signal.SIGTERM)
+            assert server.wait_exit(timeout=45) == 0, server.log()
+            st = os.lstat(sock_path)
+            assert (st.st_dev, st.st_ino) == inode
+            return
         assert server.restarts() >= 5, server.log()
         assert result.failed == 0, (result.as_dict(), server.log())
         assert server.tracebacks() == 0, server.log()
@@ -457,6 +478,161 @@ def test_systemd_socket_activation(app_dir, started):
             probe.close()
     finally:
         listener.close()
+
+
+# -- as the unit's user -----------------------------------------------------------------------
+
+def require_root():
+    """Switching users needs root: skip on a laptop, fail under CI (which runs as root)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the tests as root: test_examples_run_as_the_units_user")
+        pytest.skip("needs root to start gunicorn as the systemd unit's User=")
+
+
+def portable_python(dest):
+    """This interpreter, its standard library and the distributions the examples import,
+    copied under ``dest`` where any user can read them: a pyenv Python under /root (mode
+    0700) cannot be run by www-data. Returns (python, environment)."""
+    base = sys.base_prefix
+    ignore = shutil.ignore_patterns("test", "tests", "site-packages", "__pycache__",
+                                    "idlelib", "tkinter", "turtledemo", "ensurepip",
+                                    "lib2to3", "config-*", "*.a")
+    stdlib = "python%d.%d" % sys.version_info[:2]
+    shutil.copytree(os.path.join(base, "lib", stdlib), os.path.join(dest, "lib", stdlib),
+                    ignore=ignore)
+    for name in os.listdir(os.path.join(base, "lib")):  # a shared libpython, if any
+        if name.startswith("libpython"):
+            shutil.copy2(os.path.join(base, "lib", name), os.path.join(dest, "lib", name))
+    os.makedirs(os.path.join(dest, "bin"))
+    python = os.path.join(dest, "bin", "python3")
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    site = os.path.join(dest, "site")
+    os.makedirs(site)
+    import importlib
+    # gunicorn <= 20.x imports pkg_resources, whose newer releases load setuptools' vendored
+    # packages; gunicorn >= 22 imports packaging.
+    for module in ("gunicorn", "safe_gthread", "bottle", "packaging", "pkg_resources",
+                   "setuptools"):
+        try:
+            origin = importlib.import_module(module).__file__
+        except ImportError:
+            continue
+        if os.path.basename(origin) == "__init__.py":
+            shutil.copytree(os.path.dirname(origin),
+                            os.path.join(site, os.path.basename(os.path.dirname(origin))),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(origin, site)
+    for base_dir, dirs, files in os.walk(dest):
+        os.chmod(base_dir, 0o755)
+        for name in files:
+            path = os.path.join(base_dir, name)
+            os.chmod(path, os.stat(path).st_mode | 0o444)
+    env = dict(os.environ, PYTHONHOME=dest, PYTHONPATH=site, PYTHONDONTWRITEBYTECODE="1",
+               LD_LIBRARY_PATH=os.path.join(dest, "lib"))
+    return python, env
+
+
+@pytest.mark.parametrize("group", ["example", "other"])
+def test_examples_run_as_the_units_user(app_dir, started, group):
+    """examples/config.py started the way gunicorn.service starts it: as its User= and
+    Group=, in the /run/gunicorn its RuntimeDirectory= makes (owned by that user, mode
+    0755), with nginx.conf in front where nginx is installed. The control is the group
+    0.2.0 shipped, 'nogroup', which www-data is not in: gunicorn cannot give the socket
+    that group and fails at bind, and systemd would restart it in a loop."""
+    require_root()
+    # setpriv execs gunicorn as the user (runuser would stay its parent and take the
+    # signals meant for the master).
+    setpriv = require_tool("setpriv")
+    service = unit("gunicorn.service")["Service"]
+    user, group_name = service["User"], service["Group"]
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        if os.environ.get("CI"):
+            pytest.fail("the unit's user %s does not exist" % user)
+        pytest.skip("no user %s on this machine" % user)
+    root, app_dir = app_dir, os.path.join(app_dir, "app")  # /srv/app: read-only to the user
+    python, env = portable_python(os.path.join(root, "py"))
+    run_dir = os.path.join(root, "run")            # /run/gunicorn: RuntimeDirectory=
+    os.mkdir(app_dir, 0o755)
+    os.mkdir(run_dir, 0o755)
+    os.chown(run_dir, account.pw_uid, grp.getgrnam(group_name).gr_gid)
+    sock = os.path.join(run_dir, "gunicorn.sock")
+    install_app(app_dir, bind="unix:" + sock,
+                group_line="group = 'nogroup'" if group == "other" else None)
+    config_path = os.path.join(app_dir, "config.py")
+    with open(config_path) as fh:
+        text = fh.read()
+    with open(config_path, "w") as fh:  # the error log where the user may write it
+        fh.write(replace(text, os.path.join(app_dir, "gunicorn.log"),
+                         os.path.join(run_dir, "gunicorn.log"), count=1))
+    argv = shlex.split(deployed_command(service["ExecStart"], app_dir))
+    assert argv[1:] == ["-c", os.path.join(app_dir, "config.py"), "web:app"]
+    command = [setpriv, "--reuid", user, "--regid", group_name, "--init-groups", "--",
+               python, "-c",
+               "from gunicorn.app.wsgiapp import run; run()"] + argv[1:]
+    server = ExampleServer(app_dir, command, sock, env=env)
+    server.log_path = os.path.join(run_dir, "gunicorn.log")
+    started.append(server)
+    if group == "other":
+        server.start(wait=False)
+        code = server.wait_exit(timeout=30)
+        log = server.errorlog() + server.log()
+        assert code != 0 and "ermission denied" in log, (code, log)
+        return
+    server.start()
+    st = os.stat(sock)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (account.pw_uid, 0o770)
+    assert grp.getgrgid(st.st_gid).gr_name == group_name
+    address = sock
+    nginx = _procs.find_executable("nginx")
+    if nginx is None and os.environ.get("CI"):
+        pytest.fail("nginx is not installed; .ci/run should have installed it")
+    if nginx is not None:  # the proxy's workers run as www-data too: they may connect
+        port = free_port()
+        conf = os.path.join(root, "nginx.conf")
+        with open(conf, "w") as fh:
+            fh.write(nginx_config(root, sock, port))
+        proxy = Proxy(root, [nginx, "-p", root, "-c", conf])
+        started.append(proxy)
+        proxy.start(port)
+        address = ("127.0.0.1", port)
+    assert _load.request(address)[2] == b"Hello World"
+    result = load(address, server, restarts=3)
+    assert server.restarts() >= 3, server.log()
+    assert result.failed == 0, (result.as_dict(), server.log())
+    assert server.tracebacks() == 0, server.log()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=45) == 0, server.log()
+    assert not os.path.lexists(sock)
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+def test_kubernetes_example_is_consistent_with_config_py():
+    """No cluster here: the manifest is checked against config.py and the sizing rule of
+    docs/settings.md instead of started."""
+    yaml = pytest.importorskip("yaml")
+    pod = yaml.safe_load(read_example("kubernetes.yaml"))["spec"]["template"]["spec"]
+    settings, _ = settings_of(read_example("config.py"))
+    assert pod["terminationGracePeriodSeconds"] > settings.get("graceful_timeout", 30)
+    gunicorn, nginx = pod["containers"]
+    socket_dir = os.path.dirname(settings["bind"][len("unix:"):])
+    for container in (gunicorn, nginx):
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["socket"] == socket_dir
+    assert grp.getgrnam(settings["group"]).gr_gid == gunicorn["securityContext"]["runAsGroup"]
+    assert "server unix:%s/gunicorn.sock " % socket_dir in read_example("nginx.conf")
+    command = gunicorn["command"][-1]
+    assert command.split("; exec ")[1].split() == shlex.split(
+        supervisor_program()["command"])[:3] + ["--worker-tmp-dir", "/dev/shm", "web:app"]
+    env = {e["name"]: e["value"] for e in gunicorn["env"]}
+    memory = int(env["SAFE_GTHREAD_MAX_WORKER_MEMORY"].rstrip("M"))
+    limit = int(gunicorn["resources"]["limits"]["memory"].rstrip("Mi"))
+    workers = settings["workers"] + int(env["SAFE_GTHREAD_MAX_RETIRING"])
+    assert limit >= workers * memory * 1.15 + 30
 
 
 # -- supervisor ------------------------------------------------------------------------------

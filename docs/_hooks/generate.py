@@ -14,6 +14,7 @@ import re
 OBJECTS = {
     "safe_gthread": ("safe_gthread/__init__.py", None),
     "safe_gthread.Worker": ("safe_gthread/_worker.py", "Worker"),
+    "safe_gthread.configure": ("safe_gthread/_settings.py", "configure"),
     "safe_gthread.guard": ("safe_gthread/guard.py", None),
 }
 
