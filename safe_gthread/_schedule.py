@@ -57,8 +57,10 @@ from . import _patch, _settings
 KEY = "safe_gthread.schedule"
 
 #: What a worker writes at the start of its heartbeat file: a magic, "ready", what it
-#: wants (0 nothing, RETIRE, DUE, LEAVING) and why (an index in REASONS).
-_STATE = struct.Struct("=2sBBB")
+#: wants (0 nothing, RETIRE, DUE, LEAVING), why (an index in REASONS), and with RETIRE
+#: in how many hundredths of a second it expects to reach its limit.
+_STATE = struct.Struct("=2sBBBH")
+_ETA_MAX = 65535
 _MAGIC = b"sg"
 #: RETIRE: "boot my successor" (asked ahead of the limit, keep serving); DUE: "at my
 #: limit: stop me as soon as the successor is ready"; LEAVING: "stopped accepting" (at
@@ -68,9 +70,11 @@ RETIRE, DUE, LEAVING, READY = 1, 2, 3, 4
 REASONS = ("", "max_requests", "max_worker_memory", "max_worker_lifetime")
 
 #: A ready successor whose predecessor has not reached its limit yet (it asked early,
-#: and the boot was faster than predicted) waits at most as long as its boot took, and
-#: at least / at most these many seconds, before the old worker is stopped anyway.
-READY_WAIT_MIN, READY_WAIT_MAX = 0.2, 5.0
+#: and the boot was faster than predicted) waits until LATE x the time the old worker
+#: said it would take to reach its limit, at least READY_WAIT_MIN and at most
+#: READY_WAIT_MAX seconds after it was ready, then the old worker is stopped anyway.
+LATE = 1.5
+READY_WAIT_MIN, READY_WAIT_MAX = 0.2, 10.0
 
 #: Weight of the newest measurement in the handoff time's moving average.
 EWMA_WEIGHT = 0.3
@@ -86,13 +90,14 @@ _state = {}  # "scheduler": _Scheduler (arbiter); "mine": [ready, want, reason] 
 class _Retirement(object):
     """One worker that asked to retire, in the arbiter."""
 
-    __slots__ = ("pid", "age", "reason", "due", "leaving", "since", "successor",
+    __slots__ = ("pid", "age", "reason", "eta", "due", "leaving", "since", "successor",
                  "successor_age", "spawned_at", "ready_at", "termed", "fallback")
 
-    def __init__(self, pid, age, reason, now):
+    def __init__(self, pid, age, reason, now, eta=0.0):
         self.pid = pid
         self.age = age
         self.reason = reason
+        self.eta = eta  # seconds to its limit, as it said when it asked
         self.due = False
         self.leaving = False
         self.since = now
@@ -134,7 +139,7 @@ class _Scheduler(object):
     def receive(self, arbiter, messages):
         workers = arbiter.WORKERS
         now = self.clock()
-        for kind, reason, pid, age in messages:
+        for kind, reason, pid, age, eta in messages:
             if not _same(workers, pid, age):
                 continue  # gone, or its pid reused by a newer worker
             if kind == READY:
@@ -145,7 +150,7 @@ class _Scheduler(object):
             rec = self.handoffs.get(pid) or self.queue.get(pid)
             if rec is None:
                 rec = _Retirement(pid, age, REASONS[reason] if reason < len(REASONS) else "?",
-                                  now)
+                                  now, eta)
                 self.queue[pid] = rec
             if kind >= DUE and not rec.due:
                 rec.due = True
@@ -232,10 +237,11 @@ class _Scheduler(object):
                              "was ready", rec.successor, pid)
                 del self.handoffs[pid]
             elif rec.ready_at is not None and not rec.termed:
-                # Ready before the old worker reached its limit: let it serve on a
-                # little (as long as the boot took), not for ever.
-                boot = rec.ready_at - rec.spawned_at
-                if now - rec.ready_at >= min(max(boot, READY_WAIT_MIN), READY_WAIT_MAX):
+                # Ready before the old worker reached its limit: it serves on until about
+                # when it said it would get there, not for ever.
+                wait = min(max(rec.since + LATE * rec.eta - rec.ready_at, READY_WAIT_MIN),
+                           READY_WAIT_MAX)
+                if now - rec.ready_at >= wait:
                     self._term(arbiter, rec)
 
     def spawn_successors(self, arbiter, max_retiring):
@@ -336,7 +342,7 @@ class _Discounted(MutableMapping):
 
 
 def _read(workers):
-    """(kind, reason, pid, age) for what every worker's heartbeat file says now."""
+    """(kind, reason, pid, age, eta) for what every worker's heartbeat file says now."""
     messages = []
     for pid, worker in list(workers.items()):
         try:
@@ -345,14 +351,14 @@ def _read(workers):
             continue  # closed meanwhile (reaped), or not a gunicorn worker object
         if len(data) != _STATE.size:
             continue
-        magic, ready, want, reason = _STATE.unpack(data)
+        magic, ready, want, reason, eta = _STATE.unpack(data)
         if magic != _MAGIC:
             continue
         age = getattr(worker, "age", None)
         if ready:
-            messages.append((READY, 0, pid, age))
+            messages.append((READY, 0, pid, age, 0.0))
         if want in (RETIRE, DUE, LEAVING):
-            messages.append((want, reason, pid, age))
+            messages.append((want, reason, pid, age, eta / 100.0))
     return messages
 
 
@@ -465,19 +471,20 @@ def retiring_pids():
 
 
 # -- worker side -----------------------------------------------------------------------
-def send(worker, kind, reason=""):
+def send(worker, kind, reason="", eta=0.0):
     """In a worker: tell the arbiter (``worker.ppid``) we are READY, or want to RETIRE
-    (keep serving), are DUE (at the limit) or LEAVING (stopped accepting). False when
-    that is not possible (no scheduler in this arbiter, no heartbeat file, a gone
-    parent): the caller falls back to the stock way."""
+    (keep serving; at our limit in about ``eta`` seconds), are DUE (at the limit) or
+    LEAVING (stopped accepting). False when that is not possible (no scheduler in this
+    arbiter, no heartbeat file, a gone parent): the caller falls back to the stock way."""
     if "scheduler" not in _state and "mine" not in _state:
         return False
-    mine = _state.setdefault("mine", [0, 0, 0])
+    mine = _state.setdefault("mine", [0, 0, 0, 0])
     if kind == READY:
         mine[0] = 1
     else:
         mine[1] = max(mine[1], kind)
         mine[2] = REASONS.index(reason) if reason in REASONS else 0
+        mine[3] = min(max(int(eta * 100), 0), _ETA_MAX)
     try:
         tmp = worker.tmp
         os.pwrite(tmp.fileno(), _STATE.pack(_MAGIC, *mine), 0)

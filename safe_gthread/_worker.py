@@ -126,6 +126,7 @@ class Worker(_Retirement, ThreadWorker):
     _safe_handoff_estimate = None
     _safe_lead_seconds = None
     _safe_ready_at = None
+    _safe_rate_mark = None
     _safe_due = False
     _safe_reason = None
     _safe_drain_started = False
@@ -238,23 +239,30 @@ class Worker(_Retirement, ThreadWorker):
 
     def _plan_retirement(self):
         """Ask for the successor once the requests left before the limit are about what
-        this worker serves during a handoff; else look again halfway there."""
+        this worker serves during a handoff; else look again halfway there. The rate is
+        the higher of the lifetime average and the rate since the last look (a worker
+        that idled before the load came would otherwise ask too late)."""
         left = self._safe_retire_after - self.nr
         if left <= 0:
             self._retire("max_requests", due=True)
             return
         if self._safe_ready_at is None or self._safe_lead_seconds is None:
             return  # not serving yet (a test driving notify() directly)
-        serving = max(time.monotonic() - self._safe_ready_at, 1e-3)
-        lead = self.nr / serving * self._safe_lead_seconds
+        now = time.monotonic()
+        rate = self.nr / max(now - self._safe_ready_at, 1e-3)
+        mark = self._safe_rate_mark
+        if mark is not None and now > mark[1]:
+            rate = max(rate, (self.nr - mark[0]) / (now - mark[1]))
+        self._safe_rate_mark = (self.nr, now)
+        lead = rate * self._safe_lead_seconds
         if left <= lead:
-            self._retire("max_requests")
+            self._retire("max_requests", eta=left / max(rate, 1e-3))
         else:
             self._safe_ask_at = self.nr + max(int((left - lead) / 2), 1)
 
-    def _retire(self, reason, now_=False, due=False):
-        """Ask the arbiter for a successor; ``due``: at the limit (stop me once it is
-        ready); ``now_``: stop accepting at once too."""
+    def _retire(self, reason, now_=False, due=False, eta=0.0):
+        """Ask the arbiter for a successor (``eta``: seconds to the limit); ``due``: at
+        the limit (stop me once it is ready); ``now_``: stop accepting at once too."""
         with self._safe_lock:
             first = self._safe_reason is None
             if first:
@@ -279,7 +287,7 @@ class Worker(_Retirement, ThreadWorker):
                 self.alive = False
             kind = (_schedule.LEAVING if now_ else
                     _schedule.DUE if self._safe_due else _schedule.RETIRE)
-            if not _schedule.send(self, kind, reason) and self._safe_due and not now_:
+            if not _schedule.send(self, kind, reason, eta) and self._safe_due and not now_:
                 # No scheduler to hand off to: retire the stock way.
                 self._safe_stopped_by = "fallback"
                 self.alive = False
@@ -293,7 +301,9 @@ class Worker(_Retirement, ThreadWorker):
         if (self._safe_retire_after is not None and self._safe_stopped_by is None
                 and self.nr >= self.max_requests):
             self._safe_stopped_by = "cap"
-            self._safe_reason = self._safe_reason or "max_requests"
+            if self._safe_reason is None:  # reached the cap between two notify() calls
+                self._safe_reason = "max_requests"
+                self._safe_requested_at = time.monotonic()
             _schedule.send(self, _schedule.LEAVING, self._safe_reason)
 
     def handle_request(self, *args, **kwargs):
@@ -367,7 +377,8 @@ class Worker(_Retirement, ThreadWorker):
         now = time.monotonic()
         drain_started = self._safe_drain_started
         requested = self._safe_requested_at
-        wait = None if drain_started is None else max(drain_started - requested, 0.0)
+        wait = (None if drain_started is None or requested is None
+                else max(drain_started - requested, 0.0))
         drain = None if drain_started is None else now - drain_started
         how = {"fallback": "no successor ready in time",
                "cap": "no successor ready by its cap (%d): the stock way" % self.max_requests,

@@ -49,13 +49,14 @@ CELLS = [
 #: their own listeners (24.x, 26.x, 27.0.0, 27.0.1; before 24.0 the arbiter binds the
 #: one listener, and there is no listener loss for a control to show).
 #: ``--load`` runs both everywhere; ``--no-load`` neither.
-LOAD_RESTARTS, LOAD_REUSEPORT = "test_load_restarts.py", "test_reuseport.py"
-ALL_LOAD = (LOAD_RESTARTS, LOAD_REUSEPORT)
+LOAD_RESTARTS = ("test_load_restarts.py", "test_load_max_requests.py")
+LOAD_REUSEPORT = ("test_reuseport.py",)
+ALL_LOAD = LOAD_RESTARTS + LOAD_REUSEPORT
 LOAD_CELLS = {
-    ("19.6.0", "3.6"): (LOAD_RESTARTS,),
-    ("23.0.0", "3.12"): (LOAD_RESTARTS,),
-    ("24.1.1", "3.12"): (LOAD_REUSEPORT,),
-    ("26.2.0", "3.12"): (LOAD_REUSEPORT,),
+    ("19.6.0", "3.6"): LOAD_RESTARTS,
+    ("23.0.0", "3.12"): LOAD_RESTARTS,
+    ("24.1.1", "3.12"): LOAD_REUSEPORT,
+    ("26.2.0", "3.12"): LOAD_REUSEPORT,
     ("27.0.0", "3.12"): ALL_LOAD,
     ("27.0.1", "3.13"): ALL_LOAD,
 }

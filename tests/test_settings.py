@@ -36,8 +36,8 @@ def test_bad_sizes(text):
 def test_defaults():
     settings = _settings.build(environ={})
     assert settings.as_dict() == {"max_worker_memory": 0, "max_worker_lifetime": 0.0,
-                                  "max_retiring": 1, "heal": True}
-    assert settings.describe() == ("heal=on, max_retiring=1, max_worker_lifetime=off, "
+                                  "max_retiring": 2, "heal": True}
+    assert settings.describe() == ("heal=on, max_retiring=2, max_worker_lifetime=off, "
                                    "max_worker_memory=off")
 
 
@@ -123,10 +123,10 @@ def test_bad_setting_stops_the_boot_with_one_line(tmp_path, monkeypatch, how):
 def test_environment_shows_in_the_boot_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFE_GTHREAD_MAX_WORKER_MEMORY", "1G")
     monkeypatch.setenv("SAFE_GTHREAD_MAX_WORKER_LIFETIME", "3600")
-    monkeypatch.setenv("SAFE_GTHREAD_MAX_RETIRING", "2")
+    monkeypatch.setenv("SAFE_GTHREAD_MAX_RETIRING", "3")  # not the default (2)
     server = _server(tmp_path).start()
     try:
-        assert ("safe-gthread settings: heal=on, max_retiring=2, max_worker_lifetime=3600s, "
+        assert ("safe-gthread settings: heal=on, max_retiring=3, max_worker_lifetime=3600s, "
                 "max_worker_memory=1G" in server.errorlog()), server.log()
     finally:
         server.stop()

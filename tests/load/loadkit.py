@@ -33,7 +33,7 @@ class Outcome(object):
     """What one run saw: counts from the client, the proxy's log and the server's."""
 
     def __init__(self, label, requests, non2xx, socket_errors, upstream_failures, restarts,
-                 inode_kept, tracebacks, seconds, detail=""):
+                 inode_kept, tracebacks, seconds, detail="", lifetimes=()):
         self.label = label
         self.requests = requests
         self.non2xx = non2xx
@@ -44,6 +44,16 @@ class Outcome(object):
         self.tracebacks = tracebacks
         self.seconds = seconds
         self.detail = detail
+        self.lifetimes = list(lifetimes)  # requests per retired safe worker (its log line)
+
+    @property
+    def ok(self):
+        return self.requests - self.non2xx - sum(self.socket_errors.values())
+
+    @property
+    def per_restart(self):
+        """Successful requests per restart: beside any throughput, like for like."""
+        return self.ok / float(self.restarts) if self.restarts else None
 
     @property
     def failures(self):
@@ -128,26 +138,35 @@ def post_script(directory, size=POST_BODY):
     return path
 
 
+_LIFETIME = re.compile(r"Worker retired \(pid: \d+, reason: max_requests\): (\d+) requests")
+
+
 def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, settings,
-                  post=False):
-    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it."""
+                  post=False, seconds=None, guard=False):
+    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it; for
+    ``seconds`` exactly when given (runs to compare goodput), else until enough restarts."""
     require_tool(kind)
-    server = gunicorn_server(worker, **settings)
+    server = gunicorn_server(worker, guard=guard, **settings)
     inode = server.inode()
     proxy = Proxy(kind, tmp_path / ("%s-%s" % (kind, worker)), server.sock_path,
                   upstream_keepalive=upstream_keepalive)
     try:
         proxy.start()
         script = post_script(proxy.directory) if post else None
-        stop = stop_condition(server, inode, worker, lambda: proxy.upstream_failures())
-        requests, non2xx, errors, seconds, output = run_wrk(
-            "http://127.0.0.1:%d/" % proxy.port, stop, script=script)
+        if seconds:
+            stop, max_seconds = (lambda: False), seconds
+        else:
+            stop = stop_condition(server, inode, worker, lambda: proxy.upstream_failures())
+            max_seconds = MAX_SECONDS
+        requests, non2xx, errors, took, output = run_wrk(
+            "http://127.0.0.1:%d/" % proxy.port, stop, max_seconds=max_seconds, script=script)
     finally:
         proxy.stop()
     return Outcome("%s worker via %s%s" % (worker, proxy.label, " (POST)" if post else ""),
                    requests, non2xx, errors, proxy.upstream_failures(), server.restarts(),
-                   server.inode() == inode, server.tracebacks(), seconds,
-                   detail=output + "\n" + server.log())
+                   server.inode() == inode, server.tracebacks(), took,
+                   detail=output + "\n" + server.log(),
+                   lifetimes=[int(n) for n in _LIFETIME.findall(server.errorlog())])
 
 
 def direct(gunicorn_server, worker, settings):
