@@ -11,19 +11,19 @@ from conftest import require_tool
 from safe_gthread.check import load as _load
 from safe_gthread.check.proxy import Proxy
 
-#: The seed's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
+#: The original report's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
 #: loaded 2-core CI runner still sees RESTARTS restarts within a few seconds.
 SETTINGS = {"workers": 5, "threads": 5, "keepalive": 2, "max_requests": 200,
             "graceful_timeout": 10}
 HARSH = dict(SETTINGS, max_requests=64, max_requests_jitter=32)
 
-RESTARTS = 50           # the minimum per safe run
+RESTARTS = 50           # the fewest restarts a safe run must see
 TARGET_RESTARTS = 60    # a safe run stops once it has seen this many ...
 MIN_SECONDS = 4.0       # ... and has run this long
 MAX_SECONDS = 60.0      # hard bound of every run (a safe worker serves on while its
                         # successor boots: fewer restarts per request than stock; on a
                         # loaded CI machine 27.0.0 reached 39 - 45 in 40 s)
-CONNECTIONS = 200       # wrk -c200, the seed's
+CONNECTIONS = 200       # wrk -c200, as in the original report
 WRK_THREADS = 2         # one per core here
 DIRECT_CLIENTS = 32     # Python keep-alive clients straight on the socket
 POST_BODY = 4096        # bytes: nginx holds it in memory (client_body_buffer_size 8k/16k)
