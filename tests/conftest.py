@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -9,12 +10,16 @@ from safe_gthread.check.runner import Gunicorn
 @pytest.fixture
 def gunicorn_server(tmp_path):
     """Factory: ``gunicorn_server("safe", max_requests=20)`` starts a real gunicorn on a unix
-    socket in ``tmp_path``; every server it started is ended when the test ends."""
+    socket in ``tmp_path``; every server it started is ended when the test ends. ``files``
+    are copied into the server's directory (its ``--chdir``) first, e.g. an app module
+    served with ``app="web:app"``."""
     started = []
 
-    def start(worker_class="safe", wait=True, **settings):
+    def start(worker_class="safe", wait=True, files=(), **settings):
         directory = tmp_path / ("server%d" % len(started))
         directory.mkdir()
+        for path in files:
+            shutil.copy(path, str(directory))
         server = Gunicorn(directory, worker_class, **settings)
         started.append(server)
         return server.start(wait=wait)

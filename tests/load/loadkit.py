@@ -1,5 +1,6 @@
 """Helpers for the load tests: wrk runs that stop on a condition, proxies, and what a run
 must show (the version facts the stock control is held to are in tests/versions.py)."""
+import importlib.util
 import os
 import re
 import signal
@@ -27,6 +28,13 @@ CONNECTIONS = 200       # wrk -c200, as in the original report
 WRK_THREADS = 2         # one per core here
 DIRECT_CLIENTS = 32     # Python keep-alive clients straight on the socket
 POST_BODY = 4096        # bytes: nginx holds it in memory (client_body_buffer_size 8k/16k)
+
+#: The original report's app: a bottle "Hello World" (examples/web.py). The proxy runs serve
+#: it where bottle is installed (every cell of tests/matrix.py); elsewhere, and for the
+#: POST runs (its one route answers GET only), the bundled app.
+WEB_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "examples", "web.py")
+BOTTLE = importlib.util.find_spec("bottle") is not None
 
 
 class Outcome(object):
@@ -130,8 +138,11 @@ def post_script(directory, size=POST_BODY):
 
 def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, settings,
                   post=False):
-    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it."""
+    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it, serving
+    the report's bottle app (GET) or the bundled one (POST, or no bottle installed)."""
     require_tool(kind)
+    if BOTTLE and not post:
+        settings = dict(settings, files=[WEB_PY], app="web:app")
     server = gunicorn_server(worker, **settings)
     inode = server.inode()
     proxy = Proxy(kind, tmp_path / ("%s-%s" % (kind, worker)), server.sock_path,
@@ -144,7 +155,8 @@ def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, s
             "http://127.0.0.1:%d/" % proxy.port, stop, script=script)
     finally:
         proxy.stop()
-    return Outcome("%s worker via %s%s" % (worker, proxy.label, " (POST)" if post else ""),
+    return Outcome("%s worker via %s%s, %s" % (worker, proxy.label, " (POST)" if post else "",
+                                               server.app),
                    requests, non2xx, errors, proxy.upstream_failures(), server.restarts(),
                    server.inode() == inode, server.tracebacks(), seconds,
                    detail=output + "\n" + server.log())
