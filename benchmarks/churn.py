@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What restarts cost in capacity, stock vs safe (issue 12), and a leaking app's RSS.
+"""What restarts cost in capacity, stock vs safe, and a leaking app's RSS.
 
 ``goodput``: a slow-booting I/O app (``SAFE_GTHREAD_APP_BOOT_SLEEP`` s import, 20 ms per
 request), 4 workers x 4 threads, h2o in front, ``wrk -c32``. Each cell runs the same
@@ -9,7 +9,7 @@ pairs whose order alternates; it prints goodput under churn / no-restart goodput
 (utime + stime of the arbiter, its reaped and its live workers, from /proc), the fewest
 booted and the most worker processes seen (sampled every 20 ms), and failed requests.
 
-``cpu``: the seed's CPU-bound hello-world churn (5 workers x 5 threads, max_requests
+``cpu``: the original report's CPU-bound hello-world churn (5 workers x 5 threads, max_requests
 512, wrk -c200), safe vs stock of the same gunicorn.
 
 ``memory``: an app leaking ``--leak`` bytes per request under ``max_worker_memory``;

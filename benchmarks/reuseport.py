@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """reuse_port on TCP under restart churn: failed requests, stock gthread vs safe_gthread.Worker.
 
-The seed's load (5 workers x 5 threads, keep-alive 2, max_requests 512, wrk -t2 -c200)
+The original report's load (5 workers x 5 threads, keep-alive 2, max_requests 512, wrk -t2 -c200)
 through h2o (or nginx) to gunicorn bound to 127.0.0.1 with ``reuse_port = True``. From
 gunicorn 24.0 each worker binds its own listener, and a retiring stock worker's close
-resets the connections queued on it unless ``net.ipv4.tcp_migrate_req = 1`` (issue 14).
+resets the connections queued on it unless ``net.ipv4.tcp_migrate_req = 1``.
 Stock and safe run back to back, in alternating order, ``--repeats`` times; each run
 prints its figures, and the end prints one markdown row per worker (sums over the runs):
 requests, failed requests, restarts, failures per 1,000 restarts, and the size of the

@@ -16,7 +16,7 @@ the Python of the environment to soak, e.g.
 ``--worker stock`` soaks gunicorn's own gthread worker, the control for the arbiter's
 growth; on gunicorn versions whose worker deletes the socket it fails at the first restart.
 
-``--reuse-port`` binds 127.0.0.1 with gunicorn's ``reuse_port`` instead (issue 14): it
+``--reuse-port`` binds 127.0.0.1 with gunicorn's ``reuse_port`` instead: it
 also counts the listeners in the port's reuseport group (LISTEN sockets in
 /proc/net/tcp) all through the run, and the workers' open fds, which must stay bounded:
 the safe worker's arbiter keeps exactly ``--workers`` listeners (a HUP's new workers

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -9,13 +10,21 @@ from safe_gthread.check.runner import Gunicorn
 @pytest.fixture
 def gunicorn_server(tmp_path):
     """Factory: ``gunicorn_server("safe", max_requests=20)`` starts a real gunicorn on a unix
-    socket in ``tmp_path``; every server it started is ended when the test ends."""
+    socket in ``tmp_path``; every server it started is ended when the test ends. ``files``
+    are copied into the server's directory (its ``--chdir``) first, e.g. an app module
+    served with ``app="web:app"``; ``config`` lines are added to its config file (server
+    hooks)."""
     started = []
 
-    def start(worker_class="safe", wait=True, **settings):
+    def start(worker_class="safe", wait=True, files=(), config=(), **settings):
         directory = tmp_path / ("server%d" % len(started))
         directory.mkdir()
+        for path in files:
+            shutil.copy(path, str(directory))
         server = Gunicorn(directory, worker_class, **settings)
+        if config:
+            with open(server.config_path, "a") as fh:
+                fh.write("\n".join(config) + "\n")
         started.append(server)
         return server.start(wait=wait)
 

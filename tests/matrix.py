@@ -29,7 +29,7 @@ from concurrent import futures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".matrix")
 
-#: (gunicorn, Python): the seed's version on its Python and on the newest it runs on,
+#: (gunicorn, Python): the original report's version on its Python and on the newest it runs on,
 #: the first fixed 19.x, each major line after it; for the 24.0 - 27.0.0 gthread loop
 #: (a retirement of its own) its first release line (24.1.1), a 25.x before 25.3's
 #: ``_DEFER`` (25.1.0) and 26.x's newest (26.2.0; 26.0.0 has the same shape: see

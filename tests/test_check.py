@@ -1,4 +1,4 @@
-"""``safe-gthread check`` (issue 5), run for real as users run it: ``python -m safe_gthread
+"""``safe-gthread check``, run for real as users run it: ``python -m safe_gthread
 check`` in a subprocess, against the installed package and gunicorn.
 
 Its temporary directory is created under ``$SAFE_GTHREAD_TMPDIR``, which every test points

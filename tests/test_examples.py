@@ -31,13 +31,13 @@ from versions import STOCK_WORKERS_UNLINK
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 SOCKET = "/run/gunicorn/gunicorn.sock"
-SEED_PORT = "18080"
+REPORT_PORT = "18080"
 APP_DIR = "/srv/app"
 
 #: The original report's config.py, setting by setting (hooks aside): examples/config.py
 #: must keep every one of them but worker_class, and bind, umask and group (the safe
 #: form: a socket in its own directory, connectable by the proxy's group only).
-SEED_SETTINGS = {
+REPORT_SETTINGS = {
     "bind": "unix:/tmp/gunicorn.sock", "backlog": 2048, "workers": 5, "threads": 5,
     "worker_class": "sync", "worker_connections": 1000, "timeout": 30, "keepalive": 2,
     "max_requests": 512, "spew": False, "daemon": False, "pidfile": None, "umask": 0,
@@ -46,7 +46,7 @@ SEED_SETTINGS = {
     "access_log_format": '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"',
     "proc_name": None,
 }
-SEED_HOOKS = ["post_fork", "pre_fork", "pre_exec", "when_ready", "worker_int", "worker_abort"]
+REPORT_HOOKS = ["post_fork", "pre_fork", "pre_exec", "when_ready", "worker_int", "worker_abort"]
 
 #: Becomes LISTEN_FDS/LISTEN_PID's process: puts the socket at fd 3, then execs gunicorn
 #: under the same pid, as systemd does.
@@ -185,10 +185,10 @@ def load(address, server, restarts=5, seconds=30.0):
 
 def test_config_py_is_the_reports_with_the_fix_and_a_private_socket():
     settings, hooks = settings_of(read_example("config.py"))
-    expected = dict(SEED_SETTINGS, worker_class="safe_gthread.Worker", umask=0o007,
+    expected = dict(REPORT_SETTINGS, worker_class="safe_gthread.Worker", umask=0o007,
                     group="www-data", bind="unix:" + SOCKET)
     assert settings == expected
-    assert hooks == SEED_HOOKS
+    assert hooks == REPORT_HOOKS
 
 
 def test_web_py_is_the_reports_bottle_app():
@@ -205,12 +205,12 @@ def test_web_py_is_the_reports_bottle_app():
     assert (seen, body) == (["200 OK"], b"Hello World")
 
 
-@pytest.mark.parametrize("variant", ["example", "seed"])
+@pytest.mark.parametrize("variant", ["example", "report"])
 def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started, variant):
     """The supervisor program's command line, with examples/config.py. The original report's own
     line (``worker_class = 'sync'`` with threads: stock gthread) is the control: it must
     lose the socket where stock workers unlink it, gunicorn <= 19.6.0."""
-    worker_line = "worker_class = 'sync'" if variant == "seed" else None
+    worker_line = "worker_class = 'sync'" if variant == "report" else None
     install_app(app_dir, worker_line=worker_line)
     program = supervisor_program()
     argv = shlex.split(deployed_command(program["command"], app_dir))
@@ -228,7 +228,7 @@ def test_config_py_serves_and_keeps_the_socket_across_restarts(app_dir, started,
     assert grp.getgrgid(st.st_gid).gr_name == "www-data"
 
     result = load(sock, server)
-    if variant == "seed":
+    if variant == "report":
         if STOCK_WORKERS_UNLINK:
             assert server.inode() is None, "control: stock 19.6.0 should lose the socket\n" \
                 + server.log()
@@ -296,7 +296,7 @@ class Proxy(object):
 def h2o_config(directory, sock, port):
     text = read_example("h2o.conf")
     text = replace(text, SOCKET, sock, count=1)
-    text = replace(text, "  port: %s\n" % SEED_PORT,
+    text = replace(text, "  port: %s\n" % REPORT_PORT,
                    "  host: 127.0.0.1\n  port: %d\n" % port, count=1)
     text = replace(text, "access-log: /dev/stdout",
                    "access-log: %s" % os.path.join(directory, "access.log"), count=1)
@@ -306,7 +306,7 @@ def h2o_config(directory, sock, port):
 def nginx_config(directory, sock, port):
     text = read_example("nginx.conf")
     text = replace(text, "server unix:%s " % SOCKET, "server unix:%s " % sock, count=1)
-    text = replace(text, "listen %s;" % SEED_PORT, "listen 127.0.0.1:%d;" % port, count=1)
+    text = replace(text, "listen %s;" % REPORT_PORT, "listen 127.0.0.1:%d;" % port, count=1)
     text = replace(text, "pid /tmp/nginx-gunicorn.pid;",
                    "pid %s;" % os.path.join(directory, "nginx.pid"), count=1)
     text = replace(text, "access_log /dev/stdout;",

@@ -1,5 +1,5 @@
-"""Per-worker fd count under restarts: never more than the stock worker (issue 10,
-defect 2: workers forked while the arbiter's count was discounted kept the retiring
+"""Per-worker fd count under restarts: never more than the stock worker (workers
+forked while the arbiter's count was discounted kept the retiring
 siblings' heartbeat files, and every worker inherited the announcement pipe)."""
 import os
 import threading
@@ -34,7 +34,7 @@ HELD_FOR = 0.25
 
 def held(first_seen, table, arbiter_targets, now):
     """How many fds a worker inherited from the arbiter and has held for ``HELD_FOR``
-    seconds: the leak class of issue 10 (siblings' heartbeat files, the arbiter's pipes
+    seconds: the leak class once found here (siblings' heartbeat files, the arbiter's pipes
     and sockets). A worker needs a few (stdio, the log, the listeners, its own
     heartbeat file); what it opens itself (its poller, pool pipes, client connections)
     depends on how long it lived and where the load went, not on what it leaks.

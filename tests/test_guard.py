@@ -1,5 +1,5 @@
 """Unit tests of ``safe_gthread.guard``: patching, the unlink decision, the start checks,
-the re-exec hand-over (issue 4)."""
+the re-exec hand-over."""
 import errno
 import json
 import os

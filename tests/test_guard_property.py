@@ -1,6 +1,6 @@
 """Property: for any order of binds, replacements, renames, deletions, hand-overs and stops
 across processes, a process never unlinks a path that is not the socket it holds, and the
-owner of a socket still at its path does remove it (issue 4).
+owner of a socket still at its path does remove it.
 
 Processes are modelled as pids; files are real, in a temporary directory, with real
 AF_UNIX binds (on ext4 a freed inode number comes back at once: a socket is closed

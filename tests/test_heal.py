@@ -1,4 +1,4 @@
-"""Unit tests of the self-healing socket path (issue 11): the kernel's answer about a
+"""Unit tests of the self-healing socket path: the kernel's answer about a
 socket's file (``_unixdiag``), the backup link, what is at the path and what may be done
 (``_heal``), adoption and the arbiter's loop wrappers (``guard``). In-process, on real
 sockets in ``tmp_path``; the end-to-end cells are in ``test_heal_scenarios.py``."""

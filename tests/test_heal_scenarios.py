@@ -1,4 +1,4 @@
-"""The self-healing path on real gunicorn (issue 11): an ``rm`` under load, twice, of the
+"""The self-healing path on real gunicorn: an ``rm`` under load, twice, of the
 backup too; foreign files put at the path; a clean stop; a SIGKILLed arbiter; switching a
 running server from the stock worker to ``safe_gthread.Worker`` with HUP and with USR2.
 

@@ -1,4 +1,4 @@
-"""Pipelined requests (issue 10): three requests in one write on one connection.
+"""Pipelined requests: three requests in one write on one connection.
 
 The stock worker is the control. gunicorn 19.x - 26.x answer only the first: the other
 two are already in the parser's buffer, which never wakes the poller, so they wait for

@@ -1,4 +1,4 @@
-"""The socket file survives worker restarts under load (issue 2).
+"""The socket file survives worker restarts under load.
 
 The stock gthread worker is the control: on gunicorn 19.6.0 it must lose the file,
 or this test proves nothing.

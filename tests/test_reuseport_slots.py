@@ -1,4 +1,4 @@
-"""The arbiter's listener slots for reuse_port on TCP (issue 14), in-process.
+"""The arbiter's listener slots for reuse_port on TCP, in-process.
 
 The choice of a slot and the closing of slots are pure functions; the wrappers are
 driven here with gunicorn's own Config and ``sock.create_sockets`` and a stand-in

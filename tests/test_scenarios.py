@@ -1,4 +1,4 @@
-"""Hostile paths, second instances, signals and re-exec, per worker class (issue 4).
+"""Hostile paths, second instances, signals and re-exec, per worker class.
 
 Each scenario runs the stock worker as the control, asserting what stock gunicorn does on
 the installed version (``versions.py``), and ``safe_gthread.Worker`` (or

@@ -1,4 +1,4 @@
-"""The arbiter schedules retirements (issue 12; the bookkeeping defects of issue 10).
+"""The arbiter schedules retirements, and keeps its count of workers right while it does.
 
 End to end, against real gunicorn: a worker that must retire keeps serving until its
 successor is ready, so serving processes never drop below ``workers`` and never exceed

@@ -1,4 +1,4 @@
-"""safe_gthread.configure() and SAFE_GTHREAD_* (issue 12): parsing, errors, HUP."""
+"""safe_gthread.configure() and SAFE_GTHREAD_*: parsing, errors, HUP."""
 import os
 
 import pytest

@@ -1,4 +1,4 @@
-"""A gunicorn whose shape safe-gthread does not recognise (issue 10): a future 28.x, a
+"""A gunicorn whose shape safe-gthread does not recognise: a future 28.x, a
 vendor fork. Each test alters the installed gunicorn in a fresh interpreter BEFORE
 safe_gthread is imported, the way such a gunicorn would look to ``_compat``, and holds
 the contract (DESIGN.md invariant 9): the least intrusive behaviour (gunicorn's own code

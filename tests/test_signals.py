@@ -1,4 +1,4 @@
-"""Every way a worker or the arbiter ends: who keeps the file, who removes it (issue 2).
+"""Every way a worker or the arbiter ends: who keeps the file, who removes it.
 
 Stops (TERM, INT, QUIT) remove the file; everything that only replaces workers (HUP,
 TTIN, TTOU, a worker killed with SIGKILL) keeps it, the same inode, still serving.

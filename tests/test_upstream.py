@@ -1,4 +1,4 @@
-"""gunicorn's own test suite as a peer check (issue 10).
+"""gunicorn's own test suite as a peer check.
 
 From 24.0 gunicorn's sdist ships its tests. On a cell whose gunicorn has them, this
 fetches that version's sdist (cached in .matrix/upstream/), and runs its gthread,

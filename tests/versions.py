@@ -66,7 +66,7 @@ KERNEL_REFUSES_UNIX_REUSEPORT = kernel_refuses_unix_reuseport()
 # -- the load tests' controls (tests/load/) --------------------------------------------------
 
 #: The stock worker is the control on gunicorn 19.x (the matrix's 19.6.0 and 19.9.0 cells),
-#: where the issue measured it losing requests; newer cells run only the safe worker.
+#: where it was measured losing requests; newer cells run only the safe worker.
 LOAD_CONTROL = GUNICORN < (20,)
 
 #: 19.x accepts a connection straight into its thread pool (20.0 started parking it in the

@@ -129,7 +129,7 @@ class Proxy(object):
         self.kind = kind
         self.directory = os.path.abspath(str(directory))
         # A unix socket path, or ("127.0.0.1", port) for a TCP upstream (the benchmarks'
-        # "TCP bind" path, the seed's old workaround).
+        # "TCP bind" path, the original report's workaround).
         self.upstream_sock = (upstream_sock if isinstance(upstream_sock, tuple)
                               else os.path.abspath(str(upstream_sock)))
         self.upstream_keepalive = upstream_keepalive

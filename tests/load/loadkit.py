@@ -1,5 +1,6 @@
 """Helpers for the load tests: wrk runs that stop on a condition, proxies, and what a run
 must show (the version facts the stock control is held to are in tests/versions.py)."""
+import importlib.util
 import os
 import re
 import signal
@@ -11,22 +12,29 @@ from conftest import require_tool
 from safe_gthread.check import load as _load
 from safe_gthread.check.proxy import Proxy
 
-#: The seed's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
+#: The original report's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
 #: loaded 2-core CI runner still sees RESTARTS restarts within a few seconds.
 SETTINGS = {"workers": 5, "threads": 5, "keepalive": 2, "max_requests": 200,
             "graceful_timeout": 10}
 HARSH = dict(SETTINGS, max_requests=64, max_requests_jitter=32)
 
-RESTARTS = 50           # the issue's minimum per safe run
+RESTARTS = 50           # the fewest restarts a safe run must see
 TARGET_RESTARTS = 60    # a safe run stops once it has seen this many ...
 MIN_SECONDS = 4.0       # ... and has run this long
 MAX_SECONDS = 60.0      # hard bound of every run (a safe worker serves on while its
                         # successor boots: fewer restarts per request than stock; on a
                         # loaded CI machine 27.0.0 reached 39 - 45 in 40 s)
-CONNECTIONS = 200       # wrk -c200, the seed's
+CONNECTIONS = 200       # wrk -c200, as in the original report
 WRK_THREADS = 2         # one per core here
 DIRECT_CLIENTS = 32     # Python keep-alive clients straight on the socket
 POST_BODY = 4096        # bytes: nginx holds it in memory (client_body_buffer_size 8k/16k)
+
+#: The original report's app: a bottle "Hello World" (examples/web.py). The proxy runs serve
+#: it where bottle is installed (every cell of tests/matrix.py); elsewhere, and for the
+#: POST runs (its one route answers GET only), the bundled app.
+WEB_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "examples", "web.py")
+BOTTLE = importlib.util.find_spec("bottle") is not None
 
 
 class Outcome(object):
@@ -138,15 +146,25 @@ def post_script(directory, size=POST_BODY):
     return path
 
 
-_LIFETIME = re.compile(r"Worker retired \(pid: \d+, reason: max_requests\): (\d+) requests")
+#: A gunicorn server hook: every worker, stock or safe, logs how many requests it served.
+COUNT_REQUESTS = (
+    "def worker_exit(server, worker):",
+    "    if worker.nr:  # 0: the arbiter's own bookkeeping call for a worker gone already",
+    "        server.log.info('worker %s served %s requests', worker.pid, worker.nr)",
+)
+_LIFETIME = re.compile(r"worker \d+ served (\d+) requests")
 
 
 def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, settings,
-                  post=False, seconds=None, guard=False):
-    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it; for
-    ``seconds`` exactly when given (runs to compare goodput), else until enough restarts."""
+                  post=False, seconds=None, guard=False, bundled_app=False):
+    """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it, serving
+    the report's bottle app (GET) or the bundled one (POST, ``bundled_app``, or no bottle
+    installed); for ``seconds`` exactly when given (runs that compare goodput), else until
+    enough restarts. Every worker's request count is logged at its exit (``lifetimes``)."""
     require_tool(kind)
-    server = gunicorn_server(worker, guard=guard, **settings)
+    if BOTTLE and not post and not bundled_app:
+        settings = dict(settings, files=[WEB_PY], app="web:app")
+    server = gunicorn_server(worker, guard=guard, config=COUNT_REQUESTS, **settings)
     inode = server.inode()
     proxy = Proxy(kind, tmp_path / ("%s-%s" % (kind, worker)), server.sock_path,
                   upstream_keepalive=upstream_keepalive)
@@ -162,7 +180,8 @@ def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, s
             "http://127.0.0.1:%d/" % proxy.port, stop, max_seconds=max_seconds, script=script)
     finally:
         proxy.stop()
-    return Outcome("%s worker via %s%s" % (worker, proxy.label, " (POST)" if post else ""),
+    return Outcome("%s worker via %s%s, %s" % (worker, proxy.label, " (POST)" if post else "",
+                                               server.app),
                    requests, non2xx, errors, proxy.upstream_failures(), server.restarts(),
                    server.inode() == inode, server.tracebacks(), took,
                    detail=output + "\n" + server.log(),

@@ -4,11 +4,11 @@ The original report's load (5 workers x 5 threads, wrk -c200 through h2o) with
 ``max_requests`` low enough that retirements come faster than one successor boots: with
 a fast app, and with one that takes half a second to import. Each case runs the stock
 worker (the control) and the safe worker for the same time. The safe worker must lose
-nothing; no retired worker may have served more than 1.25 x the larger of
-``max_requests`` + jitter and what a stock worker served per restart (from the
-"Worker retired" lines); and it must restart about as often as stock (requests per
-restart within the same bound), with goodput no worse than stock's beyond this machine's
-noise.
+nothing; its workers may serve at most 1.25 x the larger of ``max_requests`` + jitter
+and what the stock workers served (each worker's count, logged by a ``worker_exit``
+hook): the most in one life against stock's most, the mean against stock's mean, and
+requests per restart against stock's; and its goodput must be no worse than stock's
+beyond this machine's noise.
 """
 import pytest
 
@@ -37,18 +37,27 @@ def test_max_requests_is_honoured_without_losing_goodput(gunicorn_server, tmp_pa
         monkeypatch.setenv(name, value)
     # Stock 19.6.0 deletes its socket at the first restart: the guard keeps it, so the
     # control's goodput and restarts are what its worker does, not a dead socket's.
+    bundled = bool(env)  # the app's boot knobs are the bundled app's
     stock = loadkit.through_proxy(gunicorn_server, tmp_path, "stock", "h2o", True, settings,
-                                  seconds=SECONDS, guard=STOCK_WORKERS_UNLINK)
+                                  seconds=SECONDS, guard=STOCK_WORKERS_UNLINK,
+                                  bundled_app=bundled)
     safe = loadkit.through_proxy(gunicorn_server, tmp_path, "safe", "h2o", True, settings,
-                                 seconds=SECONDS)
-    print(stock.headline(), "%.0f per restart" % (stock.per_restart or 0))
-    print(safe.headline(), "%.0f per restart, most in one life %s" % (
-        safe.per_restart or 0, max(safe.lifetimes or [0])))
-    assert stock.restarts >= 10, stock  # the churn really outpaces one boot slot
+                                 seconds=SECONDS, bundled_app=bundled)
+    for run in (stock, safe):
+        print(run.headline(), "%.0f per restart; per life: most %s, mean %.0f" % (
+            run.per_restart or 0, max(run.lifetimes or [0]), mean(run.lifetimes)))
+    assert stock.restarts >= 10 and stock.lifetimes, stock  # churn that outpaces a boot
     assert safe.failures == 0 and safe.tracebacks == 0, safe
     assert safe.restarts >= 10 and safe.lifetimes, safe
-    limit = BOUND * max(settings["max_requests"] + settings["max_requests_jitter"],
-                        stock.per_restart)
-    assert max(safe.lifetimes) <= limit, (sorted(safe.lifetimes)[-10:], limit, safe)
-    assert safe.per_restart <= limit, (safe.per_restart, limit, safe)
+    allowed = settings["max_requests"] + settings["max_requests_jitter"]
+    for measure, of_stock, of_safe in (
+            ("most in one life", max(stock.lifetimes), max(safe.lifetimes)),
+            ("mean per life", mean(stock.lifetimes), mean(safe.lifetimes)),
+            ("per restart", stock.per_restart, safe.per_restart)):
+        limit = BOUND * max(allowed, of_stock)
+        assert of_safe <= limit, (measure, of_safe, limit, sorted(safe.lifetimes)[-10:], safe)
     assert safe.ok / safe.seconds >= NOISE * stock.ok / stock.seconds, (stock, safe)
+
+
+def mean(values):
+    return sum(values) / float(len(values)) if values else 0.0

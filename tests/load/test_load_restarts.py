@@ -1,7 +1,9 @@
-"""Restarts lose no request under load, behind real h2o and nginx and without a proxy (issue 3).
+"""Restarts lose no request under load, behind real h2o and nginx and without a proxy.
 
-The seed's scenario (5 workers x 5 threads, keep-alive 2, wrk -c200) scaled to CI: each
-run lasts until the server has restarted TARGET_RESTARTS workers (at most MAX_SECONDS).
+The original report's scenario (its bottle app, examples/web.py, 5 workers x 5 threads,
+keep-alive 2, wrk -c200) scaled to CI: each run lasts until the server has restarted
+TARGET_RESTARTS workers (at most MAX_SECONDS). The POST runs and the direct clients use the
+bundled app (the report's app answers GET only).
 The safe worker must lose nothing: no non-2xx, no socket error, no upstream failure in
 the proxy's log, >= 50 restarts, the same socket file. On 19.x the stock gthread worker
 runs in the same test as the control and must fail (19.6.0 deletes the socket; 19.9.0

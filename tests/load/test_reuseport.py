@@ -1,4 +1,4 @@
-"""reuse_port on TCP: restarts lose nothing queued on a retiring worker's listener (issue 14).
+"""reuse_port on TCP: restarts lose nothing queued on a retiring worker's listener.
 
 From gunicorn 24.0 each worker binds its own SO_REUSEPORT listener; when a stock worker
 retires its listener closes and the kernel resets every connection queued on it, unless
@@ -13,7 +13,7 @@ namespace, restored afterwards even on failure):
   assert nothing): on this machine (Linux 6.18) stock 27.0.1 still failed
   hundreds to thousands of requests per run with the sysctl on (while the same kernel
   migrates a plain socket pair's queue: accepted 40 of 40 after the close), and
-  24.x - 27.0.0 also lose kept-alive connections on retirement (issue 3).
+  24.x - 27.0.0 also lose kept-alive connections on retirement (test_load_restarts.py).
 
 On gunicorn < 24 the arbiter binds the one listener: the safe worker must lose nothing
 and there is no listener loss for a control to show.
