@@ -52,8 +52,13 @@ CAP_SHARE = 1.05
 #: A worker asks for its successor this much earlier than the measured handoff time
 #: (request to ready) says it must, at its current request rate, for the successor to be
 #: ready when it reaches its limit; plus the arbiter's reaction time.
-LEAD_FACTOR = 1.25
+LEAD_FACTOR = 2.0
 LEAD_SLACK = 0.05
+
+#: While it serves toward ``max_requests``, a worker measures its request rate this often
+#: (one clock read per loop iteration); the rate is a moving average of these windows.
+LOOK_EVERY = 0.05
+RATE_WEIGHT = 0.3
 
 #: getrusage's peak and /proc's current RSS come from counters the kernel keeps apart
 #: (per-thread caches): the peak may read a little under the current RSS. The request
@@ -122,7 +127,8 @@ class Worker(_Retirement, ThreadWorker):
 
     # Class-level defaults: a worker built by a test without __init__ still works.
     _safe_retire_after = None
-    _safe_ask_at = 0
+    _safe_look_at = 0.0
+    _safe_rate = None
     _safe_handoff_estimate = None
     _safe_lead_seconds = None
     _safe_ready_at = None
@@ -175,7 +181,6 @@ class Worker(_Retirement, ThreadWorker):
         if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests
-            self._safe_ask_at = self.max_requests // 2
             self.max_requests = cap_for(self.max_requests)
             self._safe_handoff_estimate = _schedule.handoff_estimate()
 
@@ -206,6 +211,11 @@ class Worker(_Retirement, ThreadWorker):
             self._safe_handoff_estimate or 0.0,
             self._safe_ready_at - self._safe_created) + LEAD_SLACK
         _schedule.send(self, _schedule.READY)
+        if self._safe_retire_after is not None:
+            self.log.debug("safe-gthread: worker %s ready %.2fs after its fork; it asks for "
+                           "its successor %.2fs ahead of its limit (%s requests)", self.pid,
+                           self._safe_ready_at - self._safe_created, self._safe_lead_seconds,
+                           self._safe_retire_after)
         self._start_memory_sampler()
         try:
             return super().run()
@@ -222,7 +232,9 @@ class Worker(_Retirement, ThreadWorker):
         if not self.alive:
             return  # stopping already (our retirement, HUP, TERM): nothing to ask for
         if self._safe_reason is None:
-            if self._safe_retire_after is not None and self.nr >= self._safe_ask_at:
+            if self._safe_retire_after is not None and (
+                    self.nr >= self._safe_retire_after
+                    or (self.nr and time.monotonic() >= self._safe_look_at)):
                 self._plan_retirement()
             elif self._safe_lifetime_at is not None and time.monotonic() >= self._safe_lifetime_at:
                 self._retire("max_worker_lifetime", due=True)
@@ -239,26 +251,26 @@ class Worker(_Retirement, ThreadWorker):
 
     def _plan_retirement(self):
         """Ask for the successor once the requests left before the limit are about what
-        this worker serves during a handoff; else look again halfway there. The rate is
-        the higher of the lifetime average and the rate since the last look (a worker
-        that idled before the load came would otherwise ask too late)."""
+        this worker serves during a handoff, at its request rate: the moving average of
+        ``LOOK_EVERY`` windows, or the last window where that is higher (a burst)."""
         left = self._safe_retire_after - self.nr
         if left <= 0:
             self._retire("max_requests", due=True)
             return
-        if self._safe_ready_at is None or self._safe_lead_seconds is None:
+        if self._safe_lead_seconds is None:
             return  # not serving yet (a test driving notify() directly)
         now = time.monotonic()
-        rate = self.nr / max(now - self._safe_ready_at, 1e-3)
-        mark = self._safe_rate_mark
-        if mark is not None and now > mark[1]:
-            rate = max(rate, (self.nr - mark[0]) / (now - mark[1]))
-        self._safe_rate_mark = (self.nr, now)
-        lead = rate * self._safe_lead_seconds
-        if left <= lead:
+        mark, self._safe_rate_mark = self._safe_rate_mark, (self.nr, now)
+        self._safe_look_at = now + LOOK_EVERY
+        if mark is None or now <= mark[1]:
+            return  # the first look (at the first request) only starts the clock
+        window = (self.nr - mark[0]) / (now - mark[1])
+        rate = self._safe_rate = window if self._safe_rate is None else (
+            RATE_WEIGHT * window + (1 - RATE_WEIGHT) * self._safe_rate)
+        if left <= max(rate, window) * self._safe_lead_seconds:
+            self.log.debug("safe-gthread: worker %s asks for its successor: %s requests "
+                           "left at %.0f/s", self.pid, left, rate)
             self._retire("max_requests", eta=left / max(rate, 1e-3))
-        else:
-            self._safe_ask_at = self.nr + max(int((left - lead) / 2), 1)
 
     def _retire(self, reason, now_=False, due=False, eta=0.0):
         """Ask the arbiter for a successor (``eta``: seconds to the limit); ``due``: at

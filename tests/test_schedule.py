@@ -477,48 +477,55 @@ def test_max_requests_asks_once_and_keeps_serving(worker):
 
 def test_max_requests_asks_ahead_by_the_handoff_time_at_its_rate(worker, monkeypatch):
     """100 requests a second, a 0.4 s handoff (x LEAD_FACTOR, + LEAD_SLACK): the worker
-    asks about 55 requests before its limit of 300, saying when it will get there, then
+    asks about 85 requests before its limit of 300, saying when it will get there, then
     says DUE at the limit."""
     clock = Clock()
     monkeypatch.setattr(_worker.time, "monotonic", clock)
     sent = []
     monkeypatch.setattr(_schedule, "send", lambda worker, kind, reason="", eta=0.0:
-                        sent.append((kind, reason, round(eta, 2))) or True)
-    worker._safe_retire_after, worker._safe_ask_at = 300, 150
+                        sent.append((kind, reason, round(eta, 2), worker.nr)) or True)
+    worker._safe_retire_after = 300
     worker._safe_lead_seconds = _worker.LEAD_FACTOR * 0.4 + _worker.LEAD_SLACK
-    worker._safe_ready_at = clock.now
     lead = 100 * worker._safe_lead_seconds
     for nr in range(1, 301):
         clock.now += 0.01
         worker.nr = nr
         worker.notify()
-    (kind, reason, eta), due = sent
+    (kind, reason, eta, asked_at), due = sent
     assert (kind, reason) == (_schedule.RETIRE, "max_requests")
-    assert 0.9 * lead / 100 <= eta <= 1.1 * lead / 100, (eta, lead)
-    assert due == (_schedule.DUE, "max_requests", 0.0)
+    assert 300 - lead - 6 <= asked_at <= 300 - lead + 1, (asked_at, lead)  # looks: 5 apart
+    assert eta == pytest.approx((300 - asked_at) / 100.0, abs=0.02)
+    assert due[:3] == (_schedule.DUE, "max_requests", 0.0)
     assert worker.alive
 
 
-def test_a_worker_that_idled_before_the_load_uses_its_recent_rate(worker, monkeypatch):
-    """Ready 100 s before any request: its lifetime average says 1.5 requests a second,
-    the last stretch 100; it asks by the latter."""
+def test_max_requests_looks_at_the_clock_at_most_every_look_every(worker, monkeypatch):
     clock = Clock()
     monkeypatch.setattr(_worker.time, "monotonic", clock)
-    worker._safe_retire_after, worker._safe_ask_at, worker._safe_lead_seconds = 300, 150, 0.5
-    worker._safe_ready_at = clock.now - 100.0
-    worker._safe_rate_mark = (0, clock.now - 1.5)
-    worker.nr = 150
+    worker._safe_retire_after, worker._safe_lead_seconds = 1000, 0.5
+    worker.nr = 1
+    worker.notify()  # the first request starts the clock
+    assert worker._safe_rate_mark == (1, clock.now)
+    for nr in range(2, 50):
+        worker.nr = nr
+        worker.notify()  # no time has passed: no look
+    assert worker._safe_rate_mark == (1, clock.now) and worker._safe_rate is None
+    clock.now += _worker.LOOK_EVERY
     worker.notify()
-    assert worker._safe_ask_at == 150 + (150 - 50) // 2  # lead 50 at 100/s, not 0.75
+    assert worker._safe_rate == pytest.approx(48 / _worker.LOOK_EVERY)
+    assert worker.sent == []
 
 
-def test_max_requests_looks_again_halfway_not_on_every_iteration(worker):
-    worker._safe_retire_after, worker._safe_ask_at = 1000, 500
-    worker._safe_lead_seconds = 0.5
-    worker._safe_ready_at = time.monotonic() - 50.0  # 10 requests a second: lead 5
-    worker.nr = 500
+def test_a_burst_makes_the_worker_ask_at_once(worker, monkeypatch):
+    """A moving average of 100/s, then a window at 1,000/s: the lead follows the burst."""
+    clock = Clock()
+    monkeypatch.setattr(_worker.time, "monotonic", clock)
+    worker._safe_retire_after, worker._safe_lead_seconds = 1000, 0.5
+    worker._safe_rate, worker._safe_rate_mark = 100.0, (500, clock.now)
+    clock.now += 0.1
+    worker.nr = 600  # 1,000/s in the last window: lead 500 >= 400 left
     worker.notify()
-    assert worker.sent == [] and worker._safe_ask_at == 500 + (1000 - 500 - 5) // 2
+    assert worker.sent == [(_schedule.RETIRE, "max_requests")]
 
 
 def test_the_cap_is_the_stock_way(worker):
