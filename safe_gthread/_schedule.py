@@ -152,17 +152,17 @@ class _Scheduler(object):
                 rec = _Retirement(pid, age, REASONS[reason] if reason < len(REASONS) else "?",
                                   now, eta)
                 self.queue[pid] = rec
+            if kind == LEAVING and not rec.leaving:
+                rec.leaving = True  # it stops by itself: never TERMed
+                if pid in self.queue:
+                    # It has stopped accepting with no successor: its slot is empty now.
+                    self.queue.move_to_end(pid, last=False)
+                if rec.ready_at is None and rec.reason == "max_requests":
+                    self._fell_back(arbiter, rec, "max_requests")
             if kind >= DUE and not rec.due:
                 rec.due = True
                 if rec.ready_at is not None:
                     self._term(arbiter, rec)
-            if kind == LEAVING and not rec.leaving:
-                rec.leaving = True
-                if pid in self.queue:
-                    # It has stopped accepting with no successor: its slot is empty now.
-                    self.queue.move_to_end(pid, last=False)
-                    if rec.reason == "max_requests":
-                        self._fell_back(arbiter, rec, "its request cap")
 
     def _successor_ready(self, arbiter, pid, age, now):
         # Measured whether or not the old worker is still there (it may have reached its
@@ -206,11 +206,11 @@ class _Scheduler(object):
         if self.warned_at is None or now - self.warned_at >= WARN_EVERY:
             self.warned_at = now
             _log.warning(
-                "safe-gthread: retirements outpace successor boots: worker %s retired the "
-                "stock way at %s, its successor not ready (%d in %.0fs); to boot more "
-                "successors at once, raise max_retiring (now %d; "
-                "safe_gthread.configure(max_retiring=...) or SAFE_GTHREAD_MAX_RETIRING)",
-                rec.pid, why, self.fallbacks, now - rec.since, max_retiring())
+                "safe-gthread: retirements outpace successor boots: worker %s stopped at "
+                "%s before its successor was ready, its slot empty meanwhile, as with the "
+                "stock worker (%d so far); to boot more successors at once, raise "
+                "max_retiring (now %d; safe_gthread.configure(max_retiring=...) or "
+                "SAFE_GTHREAD_MAX_RETIRING)", rec.pid, why, self.fallbacks, max_retiring())
 
     # -- every manage_workers ----------------------------------------------------------
     def prune(self, arbiter):
@@ -223,7 +223,7 @@ class _Scheduler(object):
             if not _same(workers, pid, rec.age):
                 del self.queue[pid]  # left with no successor: gunicorn replaces it
                 if rec.due:
-                    self._fell_back(arbiter, rec, "its timeout")
+                    self._fell_back(arbiter, rec, "the end of its wait (gunicorn's timeout)")
         for pid, rec in list(self.handoffs.items()):
             if not _same(workers, pid, rec.age):
                 del self.handoffs[pid]  # the old worker has left: retirement done

@@ -44,11 +44,6 @@ LIFETIME_SPREAD = 0.1
 #: How long a worker waits for its successor when gunicorn's ``timeout`` is 0 (off).
 DEFAULT_HANDOFF_WAIT = 30.0
 
-#: ``max_requests`` keeps its meaning: a worker whose successor is not ready by the time
-#: it has served this share of its limit (gunicorn's ``max_requests`` + its jitter draw)
-#: retires the stock way (gunicorn's own check, set to this cap, stops it).
-CAP_SHARE = 1.05
-
 #: A worker asks for its successor this much earlier than the measured handoff time
 #: (request to ready) says it must, at its current request rate, for the successor to be
 #: ready when it reaches its limit; plus the arbiter's reaction time.
@@ -94,11 +89,6 @@ def lifetime_for(age, lifetime):
     if not lifetime:
         return None
     return lifetime * (1.0 + LIFETIME_SPREAD * (2.0 * random.Random(age).random() - 1.0))
-
-
-def cap_for(limit):
-    """The request count at which a worker stops the stock way (``CAP_SHARE``)."""
-    return limit + max(int(limit * (CAP_SHARE - 1.0)), 1)
 
 
 def fmt_mib(nbytes):
@@ -170,9 +160,10 @@ class Worker(_Retirement, ThreadWorker):
                  settings.describe(), "yes" if _schedule.installed() else "no")
 
     def __init__(self, *args, **kwargs):
-        # In the arbiter, before fork. gunicorn has drawn max_requests + jitter: keep it
-        # as our limit, and give gunicorn's own check (``handle_request``: stop after
-        # this request) the cap past which the worker retires the stock way.
+        # In the arbiter, before fork. gunicorn has drawn max_requests + jitter, and its
+        # own check (``handle_request``) stops the worker there, as stock: max_requests
+        # keeps its meaning. We only ask for the successor ahead of it, so that the
+        # successor is ready when the worker stops.
         super().__init__(*args, **kwargs)
         # Also here, not only after fork: gunicorn's own tests drive a worker's notify()
         # and run() without init_process (tests/test_upstream.py).
@@ -181,7 +172,6 @@ class Worker(_Retirement, ThreadWorker):
         if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests
-            self.max_requests = cap_for(self.max_requests)
             self._safe_handoff_estimate = _schedule.handoff_estimate()
 
     # -- after fork ------------------------------------------------------------------
@@ -305,15 +295,16 @@ class Worker(_Retirement, ThreadWorker):
                 self.alive = False
 
     def _stop_keeping_alive(self):
-        # ``alive`` has just turned False (``_retire._common._WatchAlive``). At the cap,
-        # gunicorn's own max_requests check did it: the stock way, no successor ready.
+        # ``alive`` has just turned False (``_retire._common._WatchAlive``). At the limit,
+        # gunicorn's own max_requests check did it: tell the arbiter the slot is free
+        # (its successor is ready by now, or it boots into the empty slot, as stock).
         parent = getattr(super(), "_stop_keeping_alive", None)
         if parent is not None:
             parent()
         if (self._safe_retire_after is not None and self._safe_stopped_by is None
                 and self.nr >= self.max_requests):
-            self._safe_stopped_by = "cap"
-            if self._safe_reason is None:  # reached the cap between two notify() calls
+            self._safe_stopped_by = "max_requests"
+            if self._safe_reason is None:  # reached it between two looks
                 self._safe_reason = "max_requests"
                 self._safe_requested_at = time.monotonic()
             _schedule.send(self, _schedule.LEAVING, self._safe_reason)
@@ -393,7 +384,7 @@ class Worker(_Retirement, ThreadWorker):
                 else max(drain_started - requested, 0.0))
         drain = None if drain_started is None else now - drain_started
         how = {"fallback": "no successor ready in time",
-               "cap": "no successor ready by its cap (%d): the stock way" % self.max_requests,
+               "max_requests": "stopped at its limit (%d)" % self.max_requests,
                "limit": "stopped at once at the limit"}.get(self._safe_stopped_by,
                                                             "successor ready")
         self.log.info(

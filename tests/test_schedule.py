@@ -198,7 +198,7 @@ def test_the_handoff_time_is_a_moving_average(kills):
 
 
 def test_stock_way_retirements_are_counted_and_warned_about_once_a_minute(kills, caplog):
-    """Retirements that outpace one boot slot: the queued workers reach their cap and
+    """Retirements that outpace one boot slot: the queued workers reach their limit and
     retire the stock way; each is counted, the WARNING names max_retiring, rate-limited."""
     clock = Clock()
     arbiter, scheduler = FakeArbiter(4), _schedule._Scheduler(clock)
@@ -206,7 +206,7 @@ def test_stock_way_retirements_are_counted_and_warned_about_once_a_minute(kills,
     scheduler.spawn_successors(arbiter, max_retiring=1)
     assert list(scheduler.queue) == [1002, 1003]
     with caplog.at_level("WARNING", logger="gunicorn.error"):
-        scheduler.receive(arbiter, [retire(1003, 3, kind=_schedule.LEAVING)])  # its cap
+        scheduler.receive(arbiter, [retire(1003, 3, kind=_schedule.LEAVING)])  # its limit
         assert list(scheduler.queue) == [1003, 1002]  # its slot is empty: first
         del arbiter.WORKERS[1002]  # the timeout fallback: left with no successor
         scheduler.prune(arbiter)
@@ -217,6 +217,18 @@ def test_stock_way_retirements_are_counted_and_warned_about_once_a_minute(kills,
     assert scheduler.fallbacks == 3
     warnings = [r.getMessage() for r in caplog.records if "outpace" in r.getMessage()]
     assert len(warnings) == 2 and "max_retiring" in warnings[0], warnings
+
+
+def test_a_worker_at_its_limit_counts_as_stock_way_only_before_its_successor_is_ready(kills):
+    arbiter, scheduler = FakeArbiter(4), _schedule._Scheduler()
+    scheduler.receive(arbiter, [retire(1001, 1, kind=_schedule.RETIRE),
+                                retire(1002, 2, kind=_schedule.RETIRE)])
+    scheduler.spawn_successors(arbiter, max_retiring=2)
+    scheduler.receive(arbiter, [ready(1005, 5)])  # 1001's successor is ready
+    scheduler.receive(arbiter, [retire(1001, 1, kind=_schedule.LEAVING),
+                                retire(1002, 2, kind=_schedule.LEAVING)])
+    assert scheduler.fallbacks == 1  # 1002: its successor 1006 still boots
+    assert kills == []  # both stop by themselves
 
 
 def test_a_worker_that_only_asked_and_left_is_no_fallback(kills):
@@ -455,21 +467,19 @@ def worker(monkeypatch):
     w.log = logging.getLogger("gunicorn.error")
     w._safe_lock = threading.Lock()
     w._safe_retire_after, w._safe_lifetime_at, w._safe_handoff_wait = 5, None, 30.0
-    w.max_requests = _worker.cap_for(5)
+    w.max_requests = 5
     w._safe_reason = w._safe_fallback_at = w._safe_stopped_by = None
     w.sent = sent
     return w
 
 
-def test_max_requests_asks_once_and_keeps_serving(worker):
+def test_a_due_worker_without_a_successor_retires_itself_after_the_wait(worker):
+    worker._safe_retire_after = None
+    worker._safe_lifetime_at = time.monotonic() - 1
     worker.notify()
-    assert worker.sent == []
-    worker.nr = 5
     worker.notify()
-    worker.nr = 9
-    worker.notify()
-    assert worker.sent == [(_schedule.DUE, "max_requests")]
-    assert worker.alive  # until the arbiter's TERM, the cap, or the timeout fallback
+    assert worker.sent == [(_schedule.DUE, "max_worker_lifetime")]
+    assert worker.alive  # until the arbiter's TERM, or the end of the wait
     worker._safe_fallback_at = time.monotonic() - 1
     worker.notify()
     assert not worker.alive and worker._safe_stopped_by == "fallback"
@@ -528,32 +538,21 @@ def test_a_burst_makes_the_worker_ask_at_once(worker, monkeypatch):
     assert worker.sent == [(_schedule.RETIRE, "max_requests")]
 
 
-def test_the_cap_is_the_stock_way(worker):
-    """gunicorn's own check stops the worker at the cap (``max_requests`` is set to it):
-    the worker tells the arbiter it is LEAVING and logs the stock way."""
-    assert _worker.cap_for(512) == 537 and _worker.cap_for(5) == 6
-    worker._safe_retire_after, worker.max_requests = 5, _worker.cap_for(5)
+def test_gunicorns_own_check_stops_the_worker_at_its_limit(worker):
+    """``max_requests`` keeps its meaning: gunicorn's own check stops the worker at its
+    limit; the worker tells the arbiter it is LEAVING (its slot is free)."""
     worker.nr = 5
-    worker.notify()
-    worker.nr = 6
-    worker._stop_keeping_alive()
-    assert worker._safe_stopped_by == "cap"
-    assert worker.sent == [(_schedule.DUE, "max_requests"), (_schedule.LEAVING, "max_requests")]
-
-
-def test_the_cap_reached_between_two_notifies_is_logged(worker):
-    worker._safe_retire_after, worker.max_requests, worker.nr = 5, 6, 6
-    worker._stop_keeping_alive()
-    assert worker._safe_stopped_by == "cap" and worker._safe_requested_at is not None
+    worker._stop_keeping_alive()  # what gunicorn's check turning alive False calls
+    assert worker._safe_stopped_by == "max_requests" and worker._safe_requested_at
     assert worker.sent == [(_schedule.LEAVING, "max_requests")]
     worker.cfg = type("Cfg", (), {"statsd_host": None})()
     worker._safe_born = time.monotonic()
     worker._safe_drain_started = time.monotonic()
-    worker._log_retirement()  # no TypeError: every figure of the line is known
+    worker._log_retirement()  # every figure of the line is known: no TypeError
 
 
-def test_a_term_below_the_cap_is_no_stock_way(worker):
-    worker._safe_retire_after, worker.max_requests, worker.nr = 5, 6, 5
+def test_a_term_below_the_limit_is_not_the_limit(worker):
+    worker.nr = 4
     worker._stop_keeping_alive()
     assert worker._safe_stopped_by is None and worker.sent == []
 

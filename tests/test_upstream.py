@@ -34,12 +34,6 @@ CACHE = os.environ.get("SAFE_GTHREAD_UPSTREAM_CACHE") or os.path.join(ROOT, ".ma
 FILES = ["test_gthread.py", "test_gthread_keepalive_shutdown.py", "test_sock.py",
          "test_arbiter.py", "test_signal_integration.py"]
 
-#: gunicorn#3821's tests want a worker at max_requests to stop at once.
-_SERVES_UNTIL_ITS_SUCCESSOR = (
-    True,
-    "deliberate: at max_requests the safe worker keeps serving (keep-alive) until its "
-    "successor is ready instead of stopping at once (safe_gthread/_schedule.py)")
-
 #: ``"file::test"`` (any parametrisation) -> ``(applies on this gunicorn, why it fails
 #: with the safe worker)``: the one list of deliberate differences. A test a version does
 #: not ship is not checked; one that applies and passes fails the run (strict xfail).
@@ -62,15 +56,6 @@ EXPECTED_FAILURES = {
         "deliberate: the safe worker's stop loop wakes at least once a second and "
         "notifies the arbiter each time, so a long linger never trips the worker timeout; "
         "the test counts 27.0.0's exact notify calls (3, here 5)"),
-    # gunicorn#3821's tests: a worker at max_requests stops at once and says
-    # "Connection: close" on that very response. The safe worker asks the arbiter for a
-    # successor and serves on until it is ready (benoitc/gunicorn#2422, the scheduler),
-    # then retires through the same stop path: the next request on a kept-alive
-    # connection is still answered, as these tests want, only later.
-    "test_gthread_keepalive_shutdown.py::test_next_request_served_after_worker_stops":
-        _SERVES_UNTIL_ITS_SUCCESSOR,
-    "test_gthread_keepalive_shutdown.py::test_idle_connection_served_after_worker_stops":
-        _SERVES_UNTIL_ITS_SUCCESSOR,
 }
 
 
