@@ -54,6 +54,22 @@ class Outcome(object):
         self.detail = detail
         self.lifetimes = list(lifetimes)  # requests per retired safe worker (its log line)
 
+    @classmethod
+    def combined(cls, outcomes):
+        """One outcome for several runs of the same worker."""
+        first = outcomes[0]
+        errors = {}
+        for outcome in outcomes:
+            for name, count in outcome.socket_errors.items():
+                errors[name] = errors.get(name, 0) + count
+        return cls(first.label, sum(o.requests for o in outcomes),
+                   sum(o.non2xx for o in outcomes), errors,
+                   [line for o in outcomes for line in o.upstream_failures],
+                   sum(o.restarts for o in outcomes), all(o.inode_kept for o in outcomes),
+                   sum(o.tracebacks for o in outcomes), sum(o.seconds for o in outcomes),
+                   detail="\n".join(o.detail for o in outcomes),
+                   lifetimes=[n for o in outcomes for n in o.lifetimes])
+
     @property
     def ok(self):
         return self.requests - self.non2xx - sum(self.socket_errors.values())
@@ -166,8 +182,8 @@ def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, s
         settings = dict(settings, files=[WEB_PY], app="web:app")
     server = gunicorn_server(worker, guard=guard, config=COUNT_REQUESTS, **settings)
     inode = server.inode()
-    proxy = Proxy(kind, tmp_path / ("%s-%s" % (kind, worker)), server.sock_path,
-                  upstream_keepalive=upstream_keepalive)
+    proxy = Proxy(kind, tmp_path / ("%s-%s-%s" % (kind, worker, os.path.basename(
+        server.directory))), server.sock_path, upstream_keepalive=upstream_keepalive)
     try:
         proxy.start()
         script = post_script(proxy.directory) if post else None
