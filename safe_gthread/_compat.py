@@ -225,5 +225,5 @@ def protections():
         active.append("a removed socket path is linked back to the listener")
     if GTHREAD_GENERATION in ("legacy", "method-queue"):
         active.append("retiring workers finish kept-alive connections")
-    active.append("a retiring worker serves until its successor is ready")
+    active.append("successors boot before the workers they replace stop")
     return active

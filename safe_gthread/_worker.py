@@ -156,7 +156,7 @@ class Worker(_Retirement, ThreadWorker):
             log.info("safe-gthread %s on gunicorn %s (Python %s): %s.", __version__,
                      _compat.GUNICORN_VERSION, _compat.PYTHON_VERSION,
                      "; ".join(_compat.protections()))
-        log.info("safe-gthread settings: %s; retirements wait for a ready successor: %s.",
+        log.info("safe-gthread settings: %s; successors boot ahead of retirements: %s.",
                  settings.describe(), "yes" if _schedule.installed() else "no")
 
     def __init__(self, *args, **kwargs):
