@@ -12,12 +12,17 @@ booted and the most worker processes seen (sampled every 20 ms), and failed requ
 ``cpu``: the original report's CPU-bound hello-world churn (5 workers x 5 threads, max_requests
 512, wrk -c200), safe vs stock of the same gunicorn.
 
+``retiring``: the safe worker under the ``goodput`` churn with each of ``--values`` as
+``max_retiring``: restarts, how many workers stopped before their successor was ready
+(statsd's ``safe_gthread.fallbacks``), goodput, booted workers and processes.
+
 ``memory``: an app leaking ``--leak`` bytes per request under ``max_worker_memory``;
 writes every worker's RSS over time (CSV, and a PNG where .bench/plot has matplotlib).
 
     python3 benchmarks/churn.py goodput --versions 27.0.1:3.13,19.6.0:3.6 --boot 1 --pairs 5
     python3 benchmarks/churn.py cpu --versions 27.0.1:3.13 --pairs 5
     python3 benchmarks/churn.py memory --versions 27.0.1:3.13 --limit 256M --leak 1048576
+    python3 benchmarks/churn.py retiring --versions 27.0.1:3.13 --boot 1 --values 1,2,4
 
 Benchmarks are not tests: figures move with the machine's load, ratios less so.
 """
@@ -98,16 +103,42 @@ class Watch(threading.Thread):
                     self.rss_log.append((round(time.monotonic() - self.started_at, 3), pid, rss))
 
 
+class StatsdCounter(threading.Thread):
+    """Counts the datagrams that start with ``prefix`` (gunicorn sends one per metric)."""
+
+    def __init__(self, sock, prefix):
+        super(StatsdCounter, self).__init__()
+        self.daemon = True
+        self.sock, self.prefix, self.count = sock, prefix, 0
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                continue
+            self.count += sum(1 for line in data.split(b"\n") if line.startswith(self.prefix))
+
+
 def measure(spec):
     import tempfile
     from safe_gthread.check.runner import Gunicorn
     from safe_gthread.check.proxy import Proxy
 
+    import socket
     directory = tempfile.mkdtemp(prefix="churn-", dir=spec["tmp"])
     ready_dir = os.path.join(directory, "ready")
     os.makedirs(ready_dir)
     os.environ["SAFE_GTHREAD_APP_READY_DIR"] = ready_dir
     settings = dict(spec["settings"])
+    # The safe worker's arbiter counts, in statsd, the workers that stopped at
+    # max_requests before their successor was ready (safe_gthread.fallbacks).
+    statsd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    statsd.bind(("127.0.0.1", 0))
+    statsd.settimeout(0.2)
+    settings["statsd_host"] = "127.0.0.1:%d" % statsd.getsockname()[1]
+    fallbacks = StatsdCounter(statsd, b"safe_gthread.fallbacks:")
     server = Gunicorn(directory, spec["worker"], **settings)
     if spec.get("configure"):
         with open(server.config_path, "a") as fh:
@@ -123,10 +154,13 @@ def measure(spec):
         rss_log = [] if spec.get("rss") else None
         watch = Watch(server.proc.pid, ready_dir, rss_log)
         before_cpu, before = cpu_seconds(server.proc.pid), server.restarts()
+        fallbacks.start()
         watch.start()
         figures = _wrk(proxy, spec["seconds"], spec["connections"])
         watch.halt.set()
         watch.join()
+        fallbacks.halt.set()
+        fallbacks.join()
         cpu = cpu_seconds(server.proc.pid)
         figures.update(restarts=server.restarts() - before, most=watch.most,
                        fewest_ready=watch.fewest_ready, most_rss=watch.most_rss,
@@ -135,7 +169,7 @@ def measure(spec):
                        cpu=None if cpu is None or before_cpu is None else cpu - before_cpu)
         # Requests each retired worker served (safe workers log it); for both workers,
         # requests per restart is the like-for-like figure beside any throughput.
-        figures["fallbacks"] = 0  # TEMP: the running driver reads it
+        figures["fallbacks"] = fallbacks.count
         figures["lifetimes"] = [int(n) for n in re.findall(
             r"Worker retired \(pid: \d+, reason: max_requests\): (\d+) requests",
             server.errorlog())]
@@ -148,6 +182,7 @@ def measure(spec):
         if proxy is not None:
             proxy.stop()
         server.stop()
+        statsd.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -215,10 +250,11 @@ def goodput(args, versions, wheel):
                     fig = run_one(venv, spec, env)
                     figs[(worker, mr)].append(fig)
                     print("  %s boot %ss %s max_requests %d: %.0f req/s, %d failed, "
-                          "%d restarts, workers %s..%d, %.3f CPU s/1000" % (
+                          "%d restarts (%d before the successor was ready), workers %s..%d, "
+                          "%.3f CPU s/1000" % (
                               version, boot, worker, mr, rate(fig), fig["failed"],
-                              fig["restarts"], fig["fewest_ready"], fig["most"],
-                              cpu_per_1000(fig) or 0), flush=True)
+                              fig["restarts"], fig["fallbacks"], fig["fewest_ready"],
+                              fig["most"], cpu_per_1000(fig) or 0), flush=True)
             for worker in workers:
                 ratios = [rate(c) / rate(n) for c, n in zip(figs[(worker, 600)], figs[(worker, 0)])
                           if rate(n)]
@@ -230,13 +266,49 @@ def goodput(args, versions, wheel):
                              spread([cpu_per_1000(f) for f in churn]),
                              sum(f["failed"] + f["proxy_errors"] for f in churn),
                              sum(f["restarts"] for f in churn),
+                             sum(f["fallbacks"] for f in churn) if worker == "safe" else "-",
                              "%s..%s" % (min(f["fewest_ready"] for f in churn),
                                          max(f["most"] for f in churn))))
     print()
     _run.print_table(("gunicorn", "boot", "worker", "churn / no-restart goodput", "req/s churn",
                       "req/s no restart", "requests per restart", "most in one life",
                       "CPU s per 1,000 (churn)", "failed", "restarts",
-                      "booted..processes"), rows)
+                      "of which before the successor was ready", "booted..processes"), rows)
+
+
+def retiring(args, versions, wheel):
+    """The safe worker under the goodput churn with each ``--values`` of max_retiring,
+    alternating: how many workers stopped before their successor was ready."""
+    rows = []
+    for version, python in versions:
+        venv = _run.prepare_venv(version, python, wheel)
+        for boot in args.boot:
+            env = {"SAFE_GTHREAD_APP_BOOT_SLEEP": str(boot), "SAFE_GTHREAD_APP_SLEEP": "0.02"}
+            figs = {value: [] for value in args.values}
+            for pair in range(args.pairs):
+                for value in (args.values if pair % 2 == 0 else args.values[::-1]):
+                    settings = dict(GOODPUT, max_requests=600, max_requests_jitter=60)
+                    spec = {"tmp": args.tmp, "worker": "safe", "settings": settings,
+                            "seconds": args.seconds, "connections": 32,
+                            "configure": "max_retiring=%d" % value}
+                    fig = run_one(venv, spec, env)
+                    figs[value].append(fig)
+                    print("  %s boot %ss max_retiring %d: %.0f req/s, %d restarts (%d before "
+                          "the successor was ready), workers %s..%d" % (
+                              version, boot, value, rate(fig), fig["restarts"],
+                              fig["fallbacks"], fig["fewest_ready"], fig["most"]), flush=True)
+            for value in args.values:
+                runs = figs[value]
+                rows.append((version, "%ss" % boot, value, sum(f["restarts"] for f in runs),
+                             sum(f["fallbacks"] for f in runs),
+                             "%.0f" % _run.median([rate(f) for f in runs]),
+                             min(f["fewest_ready"] for f in runs), max(f["most"] for f in runs),
+                             per_restart(runs), sum(f["failed"] for f in runs)))
+    print()
+    _run.print_table(("gunicorn", "boot", "max_retiring", "restarts",
+                      "stopped before the successor was ready", "req/s (median)",
+                      "fewest booted", "processes at most", "requests per restart", "failed"),
+                     rows)
 
 
 def cpu(args, versions, wheel):
@@ -252,10 +324,10 @@ def cpu(args, versions, wheel):
                 fig = run_one(venv, spec, {})
                 figs[worker].append(fig)
                 print("  %s %s: %.0f req/s, %d failed, %d restarts (%s per restart, most "
-                      "in one life %s), %.3f CPU s/1000" % (
-                          version, worker, rate(fig), fig["failed"], fig["restarts"],
-                          per_restart([fig]), most_per_life([fig]),
-                          cpu_per_1000(fig) or 0), flush=True)
+                      "in one life %s, %d before the successor was ready), %.3f CPU s/1000"
+                      % (version, worker, rate(fig), fig["failed"], fig["restarts"],
+                         per_restart([fig]), most_per_life([fig]), fig["fallbacks"],
+                         cpu_per_1000(fig) or 0), flush=True)
         ratios = [rate(s) / rate(k) for s, k in zip(figs["safe"], figs["stock"]) if rate(k)]
         rows.append((version, spread(ratios), spread([rate(f) for f in figs["stock"]]),
                      spread([rate(f) for f in figs["safe"]]),
@@ -338,7 +410,7 @@ def main():
         plot(json.loads(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("goodput", "cpu", "memory"))
+    parser.add_argument("what", choices=("goodput", "cpu", "memory", "retiring"))
     parser.add_argument("--versions", default="19.6.0:3.6,23.0.0:3.12,27.0.1:3.13")
     parser.add_argument("--boot", default="0.2,1,3",
                         type=lambda text: [float(x) for x in text.split(",")])
@@ -347,6 +419,9 @@ def main():
     parser.add_argument("--limit", default="256M")
     parser.add_argument("--leak", type=int, default=1048576)
     parser.add_argument("--out", default=os.path.join(_run.BENCH_DIR, "churn"))
+    parser.add_argument("--values", default=[1, 2, 4],
+                        type=lambda text: [int(x) for x in text.split(",")],
+                        help="max_retiring values to compare (retiring)")
     parser.add_argument("--configure", default=None,
                         help="safe_gthread.configure() arguments for the safe worker, "
                              "e.g. 'max_retiring=2'")
@@ -356,7 +431,8 @@ def main():
     os.makedirs(args.tmp, exist_ok=True)
     versions = [tuple(item.split(":")) for item in args.versions.split(",")]
     wheel = _run.build_wheel(os.path.dirname(HERE))
-    {"goodput": goodput, "cpu": cpu, "memory": memory}[args.what](args, versions, wheel)
+    {"goodput": goodput, "cpu": cpu, "memory": memory,
+     "retiring": retiring}[args.what](args, versions, wheel)
 
 
 if __name__ == "__main__":
