@@ -309,11 +309,13 @@ class Worker(_Retirement, ThreadWorker):
                 self._safe_requested_at = time.monotonic()
             _schedule.send(self, _schedule.LEAVING, self._safe_reason)
 
-    def handle_request(self, *args, **kwargs):
-        # The limit itself is also checked before every request: a sampler thread that
-        # wakes late (a CPU-starved machine, a busy GIL) would let a fast leak run past
-        # it (seen in CI: 1.27x the limit). getrusage's peak is a cheap first test; the
-        # current RSS decides (an import may have peaked above the limit at boot).
+    def _handle_request_within_memory(self, *args, **kwargs):
+        # With max_worker_memory the limit is also checked before every request (this
+        # method is bound as the worker's handle_request; without the limit gunicorn's
+        # own runs, with nothing added): a sampler thread that wakes late (a CPU-starved
+        # machine, a busy GIL) would let a fast leak run past it (seen in CI: 1.27x the
+        # limit). getrusage's peak is a cheap first test; the current RSS decides (an
+        # import may have peaked above the limit at boot).
         limit = self._safe_memory_limit
         if limit and self.alive and peak_rss() >= PEAK_RSS_SHARE * limit:
             rss = read_rss()
@@ -345,6 +347,7 @@ class Worker(_Retirement, ThreadWorker):
                            fmt_mib(limit), self.pid, fmt_mib(rss))
             return
         self._safe_memory_limit = limit
+        self.handle_request = self._handle_request_within_memory
         stop = self._safe_sampler = threading.Event()
         thread = threading.Thread(target=self._sample_memory, args=(stop, limit),
                                   name="safe-gthread-rss")
