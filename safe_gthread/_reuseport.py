@@ -271,6 +271,9 @@ def install():
     with _lock:
         if all(_patch.is_wrapped(owner, name, key=PATCH_KEY) for owner, name, _ in targets):
             return False
+        # A fault turns the slots off: close the arbiter's copies, or a listener nobody
+        # accepts on would keep its share of the group's connections.
+        _patch.on_disable("reuse_port", _close_slots)
         if not _compat.CREATE_SOCKETS_TAKES_FDS or not all(
                 _patch.wrap(owner, name, impl, key=PATCH_KEY) for owner, name, impl in targets):
             # All or nothing: slots without the child's side would leave listeners
@@ -292,10 +295,15 @@ def uninstall():
                             (gunicorn_arbiter.Arbiter, "manage_workers"),
                             (gunicorn_arbiter.Arbiter, "spawn_worker")):
             removed |= _patch.unwrap(owner, name, key=PATCH_KEY)
+        _close_slots()
+        return removed
+
+
+def _close_slots():
+    with _lock:
         for slot in _state.get("slots", []):
             slot.close()
         _state.clear()
-        return removed
 
 
 def listener_count():

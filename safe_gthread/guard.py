@@ -389,12 +389,6 @@ def _release_all():
         _watcher.close()
 
 
-def _say_once(log, key, msg, *args):
-    if key not in _said:
-        _said.add(key)
-        log.warning(msg, *args)
-
-
 def adoption_decision(bound, st):
     """May an arbiter own the path whose ``lstat`` is ``st`` (None: missing), for a
     listener the kernel says is bound to the file ``bound`` (None: cannot tell)?
@@ -442,16 +436,9 @@ def _maybe_adopt(listener, log, pid, systemd=False, reuse_port=False):
     _track(listener, name, owner)
 
 
-def _tick(arbiter):
-    """The arbiter's check, never an exception in its loop."""
-    try:
-        _check_paths(arbiter)
-    except Exception as exc:  # the arbiter must keep running whatever happens here
-        _say_once(arbiter.log, ("tick", type(exc)), "safe-gthread: the socket path check "
-                  "failed (%s: %s); the server keeps running.", type(exc).__name__, exc)
-
-
 def _check_paths(arbiter):
+    """The arbiter's check of its paths (inside the "heal" layers: a fault turns healing
+    off, never stops the arbiter)."""
     if not _heal.enabled():
         _release_all()
         return
@@ -596,7 +583,7 @@ def _manage_workers(original, self, *args, **kwargs):
     # Every round of the arbiter's loop, and inside reload() before it TERMs the old
     # workers: on a HUP from the stock 19.6.0 worker the listeners are adopted (and
     # backed up) here, before those workers unlink the path on their way out.
-    _tick(self)
+    _check_paths(self)
     return original(self, *args, **kwargs)
 
 
@@ -627,7 +614,7 @@ def _sleep(original, self, *args, **kwargs):
             return original(self, *args, **kwargs)
         if ready:
             _watcher.drain()
-        _tick(self)
+        _check_paths(self)
 
 
 def _wait_for_signals(original, self, *args, **kwargs):
@@ -653,22 +640,22 @@ def _stop(original, self, *args, **kwargs):
 
 
 def _targets():
-    """What the guard wraps on this gunicorn: ``(namespace, name, impl)``."""
-    yield gunicorn_sock.UnixSocket, "__init__", _init
-    yield gunicorn_sock.UnixSocket, "bind", _bind
+    """What the guard wraps on this gunicorn: ``(namespace, name, impl, feature)``, the
+    feature a fault in ``impl`` turns off (``_patch``)."""
+    yield gunicorn_sock.UnixSocket, "__init__", _init, "guard"
+    yield gunicorn_sock.UnixSocket, "bind", _bind, "guard"
     if _compat.UNIX_CLOSE_UNLINKS:
-        yield gunicorn_sock.UnixSocket, "close", _close
+        # Not contained: 19.6.0's own close() is the bug (every worker unlinks the path).
+        yield gunicorn_sock.UnixSocket, "close", _close, None
     if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
-        yield gunicorn_sock, "close_sockets", _close_sockets
-    yield gunicorn_arbiter.Arbiter, "reexec", _reexec
-    yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers
-    yield gunicorn_arbiter.Arbiter, "stop", _stop
-    if _compat.ARBITER_WAIT == "sleep":
-        yield gunicorn_arbiter.Arbiter, "sleep", _sleep
-    elif _compat.ARBITER_WAIT == "wait_for_signals":
-        yield gunicorn_arbiter.Arbiter, "wait_for_signals", _wait_for_signals
-    else:
-        yield gunicorn_arbiter.Arbiter, "sleep", _sleep  # missing: named in the WARNING
+        yield gunicorn_sock, "close_sockets", _close_sockets, "guard"
+    yield gunicorn_arbiter.Arbiter, "reexec", _reexec, "guard"
+    yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers, "heal"
+    yield gunicorn_arbiter.Arbiter, "stop", _stop, "heal"
+    if _compat.ARBITER_WAIT == "wait_for_signals":
+        yield gunicorn_arbiter.Arbiter, "wait_for_signals", _wait_for_signals, "heal"
+    else:  # "sleep"; neither: named in the WARNING
+        yield gunicorn_arbiter.Arbiter, "sleep", _sleep, "heal"
 
 
 def install(log=None):
@@ -685,9 +672,10 @@ def install(log=None):
             _heal.parse_heal(os.environ.get(_heal.ENV_HEAL))
         except ValueError as exc:
             _settings.fail(str(exc), log)  # one line, exit 1, as for any bad setting
+        _patch.on_disable("heal", _release_all)
         missing = []
-        for namespace, name, impl in _targets():
-            if _patch.wrap(namespace, name, impl, key=PATCH_KEY):
+        for namespace, name, impl, feature in _targets():
+            if _patch.wrap(namespace, name, impl, key=PATCH_KEY, feature=feature):
                 _installed.append((namespace, name))
             elif not _patch.is_wrapped(namespace, name, key=PATCH_KEY):
                 missing.append("%s.%s" % (getattr(namespace, "__name__", namespace), name))

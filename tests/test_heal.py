@@ -3,6 +3,7 @@ socket's file (``_unixdiag``), the backup link, what is at the path and what may
 (``_heal``), adoption and the arbiter's loop wrappers (``guard``). In-process, on real
 sockets in ``tmp_path``; the end-to-end cells are in ``test_heal_scenarios.py``."""
 import errno
+import logging
 import os
 import select
 import socket
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from safe_gthread import _heal, _unixdiag, guard
+from safe_gthread import _heal, _patch, _unixdiag, guard
 from test_guard import Listener, Log
 
 
@@ -427,9 +428,10 @@ class FakeArbiter(object):
 
 @pytest.fixture
 def ticking(monkeypatch):
-    """guard._tick counted, with one (fake) path owned so the wrappers engage."""
+    """guard._check_paths counted, with one (fake) path owned so the wrappers engage."""
     counted = []
-    monkeypatch.setattr(guard, "_tick", lambda arbiter: counted.append(time.monotonic()))
+    monkeypatch.setattr(guard, "_check_paths",
+                        lambda arbiter: counted.append(time.monotonic()))
     monkeypatch.setattr(guard, "_healers", [object()])
     return counted
 
@@ -485,17 +487,33 @@ def test_wait_for_signals_unchanged_without_a_path(monkeypatch):
     assert seen == [1.0]
 
 
-def test_the_check_never_raises_into_the_arbiter(monkeypatch):
+def test_the_check_never_raises_into_the_arbiter(monkeypatch, caplog):
+    """A fault in the check turns healing off (one ERROR with its traceback, the backups
+    released) and the arbiter's own manage_workers still runs, then and afterwards."""
     def broken(arbiter):
         raise RuntimeError("boom")
     monkeypatch.setattr(guard, "_check_paths", broken)
-    arbiter = FakeArbiter()
-    try:
-        guard._tick(arbiter)
-        guard._tick(arbiter)
-        assert len(arbiter.log.warnings()) == 1 and "boom" in arbiter.log.warnings()[0]
-    finally:
-        arbiter.close()
+    released = []
+    monkeypatch.setattr(guard, "_release_all", lambda: released.append(1))
+    monkeypatch.setattr(_patch, "_on_disable", {})
+    monkeypatch.setattr(_patch, "_process", [None])
+    _patch.on_disable("heal", lambda: guard._release_all())
+
+    class Arbiter(object):
+        def manage_workers(self):
+            managed.append(1)
+            return "managed"
+    managed = []
+    assert _patch.wrap(Arbiter, "manage_workers", guard._manage_workers,
+                       key="tests.heal", feature="heal")
+    with caplog.at_level(logging.ERROR, logger="gunicorn.error"):
+        assert Arbiter().manage_workers() == "managed"
+        assert Arbiter().manage_workers() == "managed"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "heal failed" in errors[0].getMessage()
+    assert "boom" in str(errors[0].exc_info[1])
+    assert managed == [1, 1] and released == [1] and _patch.feature_disabled("heal")
+    _patch.unwrap(Arbiter, "manage_workers", key="tests.heal")
 
 
 def test_the_arbiter_wait_is_detected():
