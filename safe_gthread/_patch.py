@@ -130,6 +130,35 @@ def contain(feature, log=None):
         disable(feature, log)
 
 
+_after_fork = []
+
+
+def _run_after_fork():
+    for callback in list(_after_fork):
+        try:
+            callback()
+        except Exception:  # a fork must go on whatever a cleanup does
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_run_after_fork)
+
+
+def after_fork_in_child(callback):
+    """Call ``callback()`` in every child forked from this process from now on: what
+    the arbiter holds and a worker must not (gunicorn forks without exec, so
+    close-on-exec does not keep it out of workers)."""
+    if callback not in _after_fork:
+        _after_fork.append(callback)
+
+
+def forked():
+    """Python 3.6 has no ``os.register_at_fork``: a worker calls this right after fork."""
+    if not hasattr(os, "register_at_fork"):
+        _run_after_fork()
+
+
 class _Original(object):
     """The ``original`` an impl is given: it notes the exception gunicorn raised (so it
     passes untouched) and the result it returned (to give back after a later fault)."""

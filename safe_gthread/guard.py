@@ -29,8 +29,8 @@ gunicorn loads it), then
 * **heal** (``_heal``): while the arbiter runs, a removed path is linked back to the same
   listening socket from a backup hard link (or, with the backup gone too, a fresh socket
   is bound and the workers roll onto it); checked in the arbiter's loop every 0.2 s,
-  whenever a worker exits and, on gunicorn <= 23, as soon as a name is removed from the
-  socket's directory (inotify). Listeners bound before the guard existed (a HUP from the stock
+  whenever a worker exits and, on gunicorn <= 23, as soon as the socket file loses a name
+  (inotify). Listeners bound before the guard existed (a HUP from the stock
   worker) or inherited without an identity (USR2 from a stock master) are adopted when
   the kernel (``_unixdiag``) proves that the path names the very socket they are.
 * **who may connect**: one WARNING at boot if every local user can connect.
@@ -74,7 +74,7 @@ PROBE_TIMEOUT = 1.0
 _lock = threading.Lock()
 _installed = []  # the (namespace, name) pairs this install() wrapped
 _healers = []  # the _heal.Healer of every path this arbiter owns
-_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when a name is removed
+_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when the socket file is removed
 _said = set()  # keys of one-time log lines
 #: The registry key of the guard's layers (see ``_patch``).
 PATCH_KEY = "safe_gthread.guard"
@@ -111,13 +111,12 @@ def unlink_decision(owner, path, pid, lstat=os.lstat):
     owner_pid, dev, ino = owner
     if owner_pid != pid:
         return False, "bound by pid %d" % owner_pid
-    try:
-        st = lstat(path)
-    except FileNotFoundError:
+    state, detail = _heal.assess(path, (dev, ino), lstat)
+    if state == _heal.MISSING:
         return False, "it is already gone"
-    except (OSError, ValueError) as exc:
-        return False, "it cannot be checked (%s)" % (getattr(exc, "strerror", None) or exc)
-    if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino):
+    if state == _heal.UNKNOWN:
+        return False, "it cannot be checked (%s)" % (getattr(detail, "strerror", None) or detail)
+    if state != _heal.OURS:
         return False, "another file has replaced the socket"
     return True, ""
 
@@ -169,7 +168,8 @@ def _kind(mode):
 
 
 def check_path(path, log, environ=os.environ):
-    """Raise ``Refused`` unless gunicorn may (remove and) bind the unix socket ``path``."""
+    """Raise ``Refused`` unless gunicorn may (remove and) bind the unix socket ``path``;
+    for a deliberate takeover, return its marker (``_heal.mark_takeover``)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -198,9 +198,11 @@ def check_path(path, log, environ=os.environ):
     if environ.get(ENV_REPLACE_LIVE) == "1":
         log.warning("Taking over unix:%s from a live listener (%s): %s=1 is set.",
                     path, holder, ENV_REPLACE_LIVE)
-        # Its backup links go first, or a healing server links its socket back over ours.
+        # Its backup links go first, or a healing server links its socket back over ours;
+        # the marker keeps it from binding the path anew before we do.
+        marker = _heal.mark_takeover(path)
         _heal.remove_links_to(path, (st.st_dev, st.st_ino), log)
-        return
+        return marker
     raise Refused("Connection in use: unix:%s is served by a live listener (%s); not "
                   "replacing it. Stop that server first, or set %s=1 to take the path "
                   "over." % (path, holder, ENV_REPLACE_LIVE))
@@ -250,17 +252,12 @@ def _exit_status(conf):
 
 def _record_owner(listener, name, pid=None):
     """Remember the file ``name`` that ``listener`` has just bound."""
-    if not is_filesystem_path(name):
-        return
-    try:
-        st = os.lstat(name)
-    except OSError:
-        return
-    if stat.S_ISSOCK(st.st_mode):
-        owner = (os.getpid() if pid is None else pid, st.st_dev, st.st_ino)
-        setattr(listener, OWNER_ATTR, owner)
-        return owner
-    return None
+    st = _heal.socket_stat(name) if is_filesystem_path(name) else None
+    if st is None:
+        return None
+    owner = (os.getpid() if pid is None else pid, st.st_dev, st.st_ino)
+    setattr(listener, OWNER_ATTR, owner)
+    return owner
 
 
 def _attr(listener, name):
@@ -365,7 +362,7 @@ def _track(listener, name, owner):
     setattr(listener, HEALER_ATTR, healer)
     _healers.append(healer)
     if _compat.ARBITER_WAIT == "sleep":  # >= 24 waits on a queue, not on descriptors
-        _watcher.add(os.path.dirname(name) or ".")
+        _watcher.add(name)
     return healer
 
 
@@ -389,8 +386,8 @@ def _release_all():
         _watcher.close()
 
 
-def adoption_decision(bound, st):
-    """May an arbiter own the path whose ``lstat`` is ``st`` (None: missing), for a
+def adoption_decision(bound, st, path):
+    """May an arbiter own ``path``, whose ``lstat`` is ``st`` (None: missing), for a
     listener the kernel says is bound to the file ``bound`` (None: cannot tell)?
     Return ``(bool, reason)``."""
     if bound is None:
@@ -398,7 +395,7 @@ def adoption_decision(bound, st):
                        "(netlink unix_diag unavailable)")
     if st is None:
         return False, "the path is already gone"
-    if not stat.S_ISSOCK(st.st_mode) or not _unixdiag.same_file(bound, st):
+    if not stat.S_ISSOCK(st.st_mode) or not _unixdiag.same_file(bound, st, path):
         return False, "the path names another file than the socket this master listens on"
     return True, ""
 
@@ -423,7 +420,7 @@ def _maybe_adopt(listener, log, pid, systemd=False, reuse_port=False):
         st = os.lstat(name)
     except OSError:
         st = None
-    allowed, reason = adoption_decision(_unixdiag.bound_file(fd), st)
+    allowed, reason = adoption_decision(_unixdiag.bound_file(fd), st, name)
     if not allowed:
         log.warning("Not adopting unix:%s (bound before safe-gthread was loaded): %s. It "
                     "is not restored if removed, nor removed at stop; a stop and start "
@@ -493,8 +490,7 @@ def _rebind(arbiter, listener, healer):
 def _open(original, self, addr, conf, log, **kwargs):
     """Check, then bind ``addr`` for the listener ``self``; raise ``Refused``."""
     _check_reuse_port(addr, conf)
-    if is_filesystem_path(addr):
-        check_path(addr, log)
+    marker = check_path(addr, log) if is_filesystem_path(addr) else None
     try:
         if is_filesystem_path(addr):
             original(self, addr, conf, log, **kwargs)
@@ -502,6 +498,8 @@ def _open(original, self, addr, conf, log, **kwargs):
             gunicorn_sock.BaseSocket.__init__(self, addr, conf, log, **kwargs)
     except OSError as exc:
         raise Refused(_bind_failure(addr, exc))
+    finally:
+        _heal.unmark_takeover(marker)
 
 
 def _init(original, self, addr, conf, log, fd=None, **kwargs):
@@ -589,8 +587,8 @@ def _manage_workers(original, self, *args, **kwargs):
 
 def _sleep(original, self, *args, **kwargs):
     # gunicorn <= 23: ``select`` on the self-pipe for 1 s. Wait the same second in slices
-    # and check the paths between them, and at once when a name is removed from their
-    # directory (inotify); a readable pipe (a signal, a worker's exit) goes to the
+    # and check the paths between them, and at once when a socket file loses a name
+    # (inotify); a readable pipe (a signal, a worker's exit) goes to the
     # original at once, which drains it: no wakeup is ever swallowed or delayed.
     pipe = getattr(self, "PIPE", None)
     if not _healers or not pipe:

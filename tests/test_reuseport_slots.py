@@ -257,6 +257,33 @@ def test_ttou_closes_the_extra_listener_once_its_worker_is_gone(arbiter):
 
 
 @needs_binding_workers
+def test_other_children_of_the_arbiter_hold_no_slot(arbiter):
+    """Issue 18 e: gunicorn 27's dirty arbiter is a plain fork of the arbiter; holding
+    the slots' listeners, it kept a closed slot in the reuseport group with nobody
+    accepting on it."""
+    from safe_gthread import _patch
+    arbiter.spawn_worker()
+    arbiter.spawn_worker()
+    slots = set(i for slot in _slot_inodes() for i in slot)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            getattr(_patch, "forked", lambda: None)()  # (absent before the fix)
+            held = set(_inode(fd) for fd in _socket_fds())
+            os.write(write, b"0" if slots & held else b"1")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert set(i for slot in _slot_inodes() for i in slot) == slots  # the arbiter's stay
+
+
+@needs_binding_workers
 def test_the_arbiters_copies_are_not_inherited_across_exec(arbiter):
     arbiter.spawn_worker()
     for fd in _reuseport._state["slots"][0].fds():
