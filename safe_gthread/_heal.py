@@ -186,16 +186,24 @@ def backups(path):
 def listening(path):
     """Does a server accept on the socket file ``path``? Only a refused connect says no
     (a full backlog, no permission or a timeout say yes: never guess a socket dead)."""
+    directory, name = os.path.split(path)
+    try:
+        dirfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return True
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.setblocking(False)
     try:
-        client.connect(path)
+        # Through the directory's fd: a backup name is longer than its socket's path,
+        # and may not fit in sockaddr_un's 108 bytes spelled out.
+        client.connect("/proc/self/fd/%d/%s" % (dirfd, name))
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     except OSError:
         return True
     finally:
         client.close()
+        os.close(dirfd)
     return True
 
 

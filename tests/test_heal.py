@@ -232,6 +232,23 @@ def test_remove_stale_only_dead_sockets_of_our_pattern(tmp_path, sockets):
     assert len(log.lines) == 1 and dead in log.lines[0][1]
 
 
+def test_a_long_backup_name_is_still_probed(tmp_path, sockets):
+    """A backup name is longer than its socket's path: past sockaddr_un's 108 bytes a
+    connect by name fails, and a dead backup looked alive (never removed)."""
+    directory = tmp_path / ("d" * max(100 - len(str(tmp_path)), 1))
+    directory.mkdir()
+    path = str(directory / "s")
+    sockets(path)
+    live, dead = _heal.backup_path(path), _heal.backup_path(path)
+    assert len(live) > 108
+    os.link(path, live)
+    assert _heal.listening(live)
+    dead_socket(path + "2")
+    os.rename(path + "2", dead)
+    assert not _heal.listening(dead)
+    assert _heal.remove_stale(path, (0, 0), Log()) == [dead]
+
+
 def test_a_master_with_a_dead_masters_pid_heals(tmp_path, sockets):
     """Issue 18 b: PID 1 in a container, restarted after a SIGKILL with its socket
     directory on a volume, finds the backup the dead master made under its own pid. It
