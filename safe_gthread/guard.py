@@ -628,6 +628,14 @@ def _wait_for_signals(original, self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
+def _reload(original, self, *args, **kwargs):
+    # HUP runs the config file again: what its configure() set before must not outlive
+    # a config that no longer calls it (the environment and the defaults then apply).
+    _settings.reset()
+    _heal.set_enabled(None)
+    return original(self, *args, **kwargs)
+
+
 def _stop(original, self, *args, **kwargs):
     # Whatever gunicorn decided about the path (a USR2 successor keeps it), this master's
     # backup links go with it: the successor made its own.
@@ -648,6 +656,7 @@ def _targets():
     if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
         yield gunicorn_sock, "close_sockets", _close_sockets, "guard"
     yield gunicorn_arbiter.Arbiter, "reexec", _reexec, "guard"
+    yield gunicorn_arbiter.Arbiter, "reload", _reload, "guard"
     yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers, "heal"
     yield gunicorn_arbiter.Arbiter, "stop", _stop, "heal"
     if _compat.ARBITER_WAIT == "wait_for_signals":

@@ -277,6 +277,20 @@ def test_retiring_without_keepalive_closes_at_once(worker, pair):
     assert read_responses(client, 1) == [("close", b"Hello World")]
 
 
+@pytest.mark.skipif(GENERATION is None, reason="an unrecognised gthread loop keeps its own path")
+def test_retiring_at_the_keepalive_cap_closes_at_once(worker, pair):
+    """Issue 18 j: gunicorn's cap on kept-alive connections (``worker_connections`` -
+    ``threads``) closes through the same ``force_close()``; a retiring worker overrode
+    it for a buffered request."""
+    worker.max_keepalived = 0
+    server, client = pair
+    client.sendall(GET % b"1" + GET % b"2")
+    conn = make_conn(server)
+    worker.alive = False
+    assert not _serve_one(worker, conn)
+    assert read_responses(client, 1) == [("close", b"Hello World")]
+
+
 # -- filing a finished request (legacy and method-queue override finish_request) --------
 @overrides_finish_request
 def test_a_kept_alive_connection_is_filed_even_when_retiring(worker, pair):

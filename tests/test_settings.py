@@ -148,3 +148,26 @@ def test_hup_runs_configure_again(tmp_path):
         assert server.serves()
     finally:
         server.stop()
+
+
+def test_a_hup_whose_config_no_longer_configures_goes_back_to_the_defaults(tmp_path):
+    """Issue 18 j: the settings a configure() call made stayed in force after a HUP whose
+    config file no longer calls it."""
+    server = _server(tmp_path, ["import safe_gthread",
+                                "safe_gthread.configure(max_retiring=3, heal=False)"]).start()
+    try:
+        assert "heal=off, max_retiring=3" in server.errorlog(), server.log()
+        with open(server.config_path) as fh:
+            kept = [line for line in fh if not line.startswith(("import safe_gthread",
+                                                             "safe_gthread.configure"))]
+        with open(server.config_path, "w") as fh:
+            fh.writelines(kept)
+        before = server.errorlog().count("safe-gthread settings:")
+        server.reload()
+        server.wait_for(lambda: server.errorlog().count("safe-gthread settings:") > before,
+                        20, "the settings line after HUP")
+        last = server.errorlog().split("safe-gthread settings:")[-1].splitlines()[0]
+        assert "heal=on, max_retiring=1," in last, server.log()
+        assert server.serves()
+    finally:
+        server.stop()

@@ -95,10 +95,21 @@ class AnswerPipelinedWhileRetiring(object):
         self.wsgi = partial(_app_while_retiring, self, app)
 
 
+def _over_keepalive_cap(worker):
+    """gunicorn's own cap on kept-alive connections (``max_keepalived``), which its
+    ``handle_request`` enforces with the same ``force_close()`` a retirement sets: a
+    response must close there whatever is buffered behind it."""
+    kept = getattr(worker, "keepalived_conns", None)  # 24.0 and later
+    kept = getattr(worker, "_keep", ()) if kept is None else kept
+    cap = getattr(worker, "max_keepalived", None)
+    return cap is not None and len(kept) >= cap
+
+
 def _app_while_retiring(worker, app, environ, start_response):
     resp = getattr(start_response, "__self__", None)
     if _compat.HTTP1_RESPONSE is not None and type(resp) is _compat.HTTP1_RESPONSE:
         req = resp.req
-        resp.must_close = not (worker.cfg.keepalive and _compat.request_buffered(
-            getattr(req, "unreader", None), req))
+        resp.must_close = not (worker.cfg.keepalive and not _over_keepalive_cap(worker)
+                               and _compat.request_buffered(getattr(req, "unreader", None),
+                                                            req))
     return app(environ, start_response)
