@@ -628,11 +628,20 @@ def _wait_for_signals(original, self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
+_reloads = [0]
+
+
+def reloads():
+    """How many times this arbiter reloaded its configuration (HUP)."""
+    return _reloads[0]
+
+
 def _reload(original, self, *args, **kwargs):
     # HUP runs the config file again: what its configure() set before must not outlive
     # a config that no longer calls it (the environment and the defaults then apply).
     _settings.reset()
     _heal.set_enabled(None)
+    _reloads[0] += 1  # the worker class's setup runs again for the new configuration
     return original(self, *args, **kwargs)
 
 

@@ -171,3 +171,31 @@ def test_a_hup_whose_config_no_longer_configures_goes_back_to_the_defaults(tmp_p
         assert server.serves()
     finally:
         server.stop()
+
+
+_SETUP_PROBE = """
+import logging
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+log = logging.getLogger("gunicorn.error")
+log.addHandler(Keep())
+log.setLevel(logging.INFO)
+from safe_gthread import _boot, guard
+done = [_boot.setup_once(log) for _ in range(3)]  # boot, then two more accesses
+guard._reload(lambda arbiter: None, None)  # a HUP: the new configuration's turn
+done += [_boot.setup_once(log) for _ in range(2)]
+print(done, sum("safe-gthread settings:" in line for line in lines))
+"""
+
+
+def test_setup_runs_once_per_configuration_load():
+    """Issue 18 h: gunicorn calls the worker class's setup() on every cfg.worker_class
+    access; each one logged the settings line again (and, from the control socket's
+    thread, took the installers' locks)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _SETUP_PROBE], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, timeout=60).stdout.decode()
+    assert out.strip().splitlines()[-1] == "[True, False, False, True, False] 2", out
