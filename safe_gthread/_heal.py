@@ -371,14 +371,11 @@ class Healer(object):
         self.ident = (dev, ino)
         self.log = log
         self.backup = None
-        self._said = set()  # keys of WARNING lines already logged
+        self._said = _patch.Once()  # WARNING lines already logged
         self._missing_since = None  # when the path was first seen missing with no backup
 
     def say_once(self, key, msg, *args):
-        if key in self._said:
-            return
-        self._said.add(key)
-        self.log.warning(msg, *args)
+        self._said.say(self.log, key, msg, *args)
 
     def start(self):
         """Remove stale backups of this path, then make ours (errors: one WARNING)."""
@@ -413,8 +410,7 @@ class Healer(object):
         if state != MISSING:
             self._missing_since = None
         if state == OURS:
-            if self._said:
-                self._said.clear()  # a later loss is news again
+            self._said.keys.clear()  # a later loss is news again
             return NOTHING
         action = plan(state, state == MISSING and self.backup_ok())
         if action == REBIND:

@@ -71,6 +71,18 @@ class _Process(object):
 _process = [None]
 
 
+class Once(object):
+    """Log each line once per key: the one say-once of every module."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def say(self, log, key, msg, *args, level="warning"):
+        if key not in self.keys:
+            self.keys.add(key)
+            getattr(log, level)(msg, *args)
+
+
 def _here():
     process = _process[0]
     if process is None or process.pid != os.getpid():

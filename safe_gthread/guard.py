@@ -75,7 +75,7 @@ _lock = threading.Lock()
 _installed = []  # the (namespace, name) pairs this install() wrapped
 _healers = []  # the _heal.Healer of every path this arbiter owns
 _watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when the socket file is removed
-_said = set()  # keys of one-time log lines
+_said = _patch.Once()
 #: The registry key of the guard's layers (see ``_patch``).
 PATCH_KEY = "safe_gthread.guard"
 
@@ -337,15 +337,14 @@ def everyone_may_connect(path, stat_=os.stat, lstat=os.lstat):
 
 
 def warn_if_everyone_may_connect(path, log):
-    if path in _said or not everyone_may_connect(path):
+    if path in _said.keys or not everyone_may_connect(path):
         return
-    _said.add(path)
-    log.warning("unix:%s can be reached by every local user (socket mode %03o, and every "
-                "directory above it lets others through): any local account can send "
-                "requests to the app, past the proxy. Set umask = 0o007 in the gunicorn "
-                "config and add the proxy's user to gunicorn's group, or bind in a "
-                "directory only gunicorn and the proxy can reach.",
-                path, stat.S_IMODE(os.lstat(path).st_mode))
+    _said.say(log, path, "unix:%s can be reached by every local user (socket mode %03o, "
+              "and every directory above it lets others through): any local account can "
+              "send requests to the app, past the proxy. Set umask = 0o007 in the "
+              "gunicorn config and add the proxy's user to gunicorn's group, or bind in "
+              "a directory only gunicorn and the proxy can reach.",
+              path, stat.S_IMODE(os.lstat(path).st_mode))
 
 
 # -- healing: backups, adoption, the arbiter's check ---------------------------------------
