@@ -42,6 +42,7 @@ import os
 import re
 import socket
 import stat
+import struct
 import time
 
 from . import _patch, _settings
@@ -183,28 +184,55 @@ def backups(path):
     return [(backup, st) for backup, st in ((b, socket_stat(b)) for b in found) if st]
 
 
-def listening(path):
-    """Does a server accept on the socket file ``path``? Only a refused connect says no
-    (a full backlog, no permission or a timeout say yes: never guess a socket dead)."""
-    directory, name = os.path.split(path)
-    try:
-        dirfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return True
+def probe(path, timeout=1.0):
+    """Is a server listening on the unix socket file ``path``? Return ``(live, pid)``.
+
+    Live: the connection is accepted (``pid`` from ``SO_PEERCRED`` where the kernel
+    tells, else None), the backlog is full (``EAGAIN``) or the connect times out.
+    Dead: refused. Anything else (no permission, ...) raises ``OSError``. A name too
+    long for ``sockaddr_un`` spelled out (a backup's can be) is reached through its
+    directory's fd.
+    """
+    dirfd = None
+    if len(os.fsencode(path)) >= 100 and os.path.isdir("/proc/self/fd"):
+        directory, name = os.path.split(path)
+        dirfd = os.open(directory or ".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY)
+        path = "/proc/self/fd/%d/%s" % (dirfd, name)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.setblocking(False)
+    client.settimeout(timeout)
     try:
-        # Through the directory's fd: a backup name is longer than its socket's path,
-        # and may not fit in sockaddr_un's 108 bytes spelled out.
-        client.connect("/proc/self/fd/%d/%s" % (dirfd, name))
+        client.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True
+        return False, None
+    except (socket.timeout, BlockingIOError):
+        return True, None
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True, None
+        raise
+    else:
+        return True, _peer_pid(client)
     finally:
         client.close()
-        os.close(dirfd)
-    return True
+        if dirfd is not None:
+            os.close(dirfd)
+
+
+def _peer_pid(client):
+    try:
+        creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0] or None
+    except (OSError, AttributeError):  # no SO_PEERCRED here
+        return None
+
+
+def listening(path):
+    """Does a server accept on the socket file ``path``? Only a refused connect says no:
+    never guess a socket dead."""
+    try:
+        return probe(path, timeout=0.2)[0]
+    except OSError:
+        return True
 
 
 def remove_stale(path, ident, log):
@@ -344,18 +372,22 @@ def plan(state, backup_ok):
     return LEAVE
 
 
+def kind(mode, other="another file"):
+    """A few words for the type of file ``mode`` describes."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a regular file"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "another socket"),
+                       (stat.S_ISFIFO, "a named pipe")):
+        if test(mode):
+            return name
+    return other
+
+
 def describe(state, detail):
     """A few words for the WARNING line about what was found at the path."""
     if state == SYMLINK:
         return "a symbolic link"
     if state == FOREIGN:
-        mode = detail.st_mode
-        for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
-                           (stat.S_ISSOCK, "another socket"),
-                           (stat.S_ISFIFO, "a named pipe")):
-            if test(mode):
-                return "%s (inode %d)" % (kind, detail.st_ino)
-        return "another file (inode %d)" % detail.st_ino
+        return "%s (inode %d)" % (kind(detail.st_mode), detail.st_ino)
     if state == UNKNOWN:
         return "nothing it can check (%s)" % (getattr(detail, "strerror", None) or detail)
     return state

@@ -44,7 +44,6 @@ import os
 import select
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -68,8 +67,6 @@ HEALER_ATTR = "_safe_gthread_healer"
 INHERITED_ATTR = "_safe_gthread_inherited"
 #: Attribute on a listener: adoption was already considered.
 ADOPT_ATTR = "_safe_gthread_adopt_tried"
-#: How long the start probe waits for a listener to accept.
-PROBE_TIMEOUT = 1.0
 
 _lock = threading.Lock()
 _installed = []  # the (namespace, name) pairs this install() wrapped
@@ -123,48 +120,8 @@ def unlink_decision(owner, path, pid, lstat=os.lstat):
 
 # -- start: what is at the path before gunicorn replaces it ------------------------------
 
-def probe(path, timeout=PROBE_TIMEOUT):
-    """Is a server listening on the unix socket ``path``? Return ``(live, pid)``.
-
-    Live: the connection is accepted (``pid`` from ``SO_PEERCRED`` where the kernel
-    tells, else None), the backlog is full (``EAGAIN``) or the connect times out.
-    Dead: refused. Anything else (no permission, ...) raises ``OSError``.
-    """
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    try:
-        client.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False, None
-    except (socket.timeout, BlockingIOError):
-        return True, None
-    except OSError as exc:
-        if exc.errno == errno.EAGAIN:
-            return True, None
-        raise
-    else:
-        return True, _peer_pid(client)
-    finally:
-        client.close()
-
-
-def _peer_pid(client):
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                  struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0] or None
-    except OSError:
-        return None
-
-
-def _kind(mode):
-    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a regular file"),
-                       (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe")):
-        if test(mode):
-            return kind
-    return "not a socket"
+#: Is a server listening on a unix socket file? ``(live, pid)`` (``_heal.probe``).
+probe = _heal.probe
 
 
 def check_path(path, log, environ=os.environ):
@@ -186,7 +143,7 @@ def check_path(path, log, environ=os.environ):
                       "socket; remove it or bind another path." % (path, target, dangling))
     if not stat.S_ISSOCK(st.st_mode):
         raise Refused("Not replacing unix:%s: it is %s, not a socket; remove it or bind "
-                      "another path." % (path, _kind(st.st_mode)))
+                      "another path." % (path, _heal.kind(st.st_mode, "not a socket")))
     try:
         live, pid = probe(path)
     except OSError as exc:

@@ -729,7 +729,7 @@ def test_the_watcher_wakes_only_for_the_socket_file(tmp_path, sockets):
     assert watcher.fd is None
 
 
-def _in_child(check):
+def in_forked_child(check):
     """Run ``check()`` in a forked child (as gunicorn forks a worker: no exec, then our
     worker's init); return what it answered."""
     read, write = os.pipe()
@@ -765,7 +765,7 @@ def test_workers_do_not_inherit_the_watcher(tmp_path, sockets):
             return True
         return False
     try:
-        assert _in_child(closed)
+        assert in_forked_child(closed)
         assert not closed() and watcher.fd == fd  # the arbiter keeps its own
     finally:
         watcher.close()

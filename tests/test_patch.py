@@ -6,7 +6,6 @@ callers (every argument passes through).
 """
 import functools
 import logging
-import os
 import types
 from unittest import mock
 
@@ -455,24 +454,16 @@ def test_a_failing_cleanup_is_only_a_warning(contained, caplog):
 
 
 def test_the_state_is_per_process(contained):
+    from test_heal import in_forked_child
     with _patch.contain("demo"):
         raise OSError("in the arbiter")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a worker forked after the fault: its features are its own
-        try:
-            child = not _patch.feature_disabled("demo")
-            with _patch.contain("worker-only"):
-                raise OSError("in the worker")
-            os.write(write, b"1" if child and _patch.feature_disabled("worker-only") else b"0")
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        assert os.read(read, 1) == b"1"
-    finally:
-        os.close(read)
-        os.waitpid(pid, 0)
+
+    def in_a_worker():  # forked after the fault: its features are its own
+        fresh = not _patch.feature_disabled("demo")
+        with _patch.contain("worker-only"):
+            raise OSError("in the worker")
+        return fresh and _patch.feature_disabled("worker-only")
+    assert in_forked_child(in_a_worker)
     assert _patch.feature_disabled("demo") and not _patch.feature_disabled("worker-only")
 
 

@@ -267,22 +267,15 @@ def test_retiring_response_keeps_the_connection_only_for_a_buffered_request(work
 
 
 @pytest.mark.skipif(GENERATION is None, reason="an unrecognised gthread loop keeps its own path")
-def test_retiring_without_keepalive_closes_at_once(worker, pair):
-    worker.cfg.set("keepalive", 0)
-    server, client = pair
-    client.sendall(GET % b"1" + GET % b"2")
-    conn = make_conn(server)
-    worker.alive = False
-    assert not _serve_one(worker, conn)
-    assert read_responses(client, 1) == [("close", b"Hello World")]
-
-
-@pytest.mark.skipif(GENERATION is None, reason="an unrecognised gthread loop keeps its own path")
-def test_retiring_at_the_keepalive_cap_closes_at_once(worker, pair):
-    """Issue 18 j: gunicorn's cap on kept-alive connections (``worker_connections`` -
-    ``threads``) closes through the same ``force_close()``; a retiring worker overrode
-    it for a buffered request."""
-    worker.max_keepalived = 0
+@pytest.mark.parametrize("limit", ["keepalive off", "keepalive cap"])
+def test_retiring_without_keepalive_closes_at_once(worker, pair, limit):
+    """Also at gunicorn's cap on kept-alive connections (``worker_connections`` -
+    ``threads``), which closes through the same ``force_close()`` (issue 18 j: a
+    retiring worker overrode it for a buffered request)."""
+    if limit == "keepalive off":
+        worker.cfg.set("keepalive", 0)
+    else:
+        worker.max_keepalived = 0
     server, client = pair
     client.sendall(GET % b"1" + GET % b"2")
     conn = make_conn(server)

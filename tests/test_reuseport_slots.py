@@ -261,25 +261,11 @@ def test_other_children_of_the_arbiter_hold_no_slot(arbiter):
     """Issue 18 e: gunicorn 27's dirty arbiter is a plain fork of the arbiter; holding
     the slots' listeners, it kept a closed slot in the reuseport group with nobody
     accepting on it."""
-    from safe_gthread import _patch
+    from test_heal import in_forked_child
     arbiter.spawn_worker()
     arbiter.spawn_worker()
     slots = set(i for slot in _slot_inodes() for i in slot)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            getattr(_patch, "forked", lambda: None)()  # (absent before the fix)
-            held = set(_inode(fd) for fd in _socket_fds())
-            os.write(write, b"0" if slots & held else b"1")
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        assert os.read(read, 1) == b"1"
-    finally:
-        os.close(read)
-        os.waitpid(pid, 0)
+    assert in_forked_child(lambda: not slots & set(_inode(fd) for fd in _socket_fds()))
     assert set(i for slot in _slot_inodes() for i in slot) == slots  # the arbiter's stay
 
 
