@@ -129,15 +129,15 @@ def _inject(feature):
 
 
 @contextlib.contextmanager
-def contain(feature, log=None):
+def contain(feature, log=None, original=None):
     """``with contain("heal"):`` code of ours outside a wrapper (a tick, a handler):
     an Exception in it turns ``feature`` off (see :func:`disable`) instead of reaching
-    gunicorn. BaseExceptions (SystemExit, KeyboardInterrupt) pass."""
+    gunicorn. BaseExceptions (SystemExit, KeyboardInterrupt) pass, and so does what the
+    ``_Original`` given as ``original`` raised: gunicorn's own."""
     try:
-        _inject(feature)
         yield
-    except Exception:
-        if os.environ.get(ENV_TEST_UNCONTAINED) == "1":
+    except Exception as exc:
+        if exc is getattr(original, "raised", None) or os.environ.get(ENV_TEST_UNCONTAINED) == "1":
             raise
         disable(feature, log)
 
@@ -195,16 +195,11 @@ class _Original(object):
 
 def _contained(feature, impl, function, args, kwargs):
     original = _Original(function)
-    try:
+    with contain(feature, original=original):
         _inject(feature)
         return impl(original, *args, **kwargs)
-    except Exception as exc:
-        if exc is original.raised or os.environ.get(ENV_TEST_UNCONTAINED) == "1":
-            raise
-        disable(feature)
-    if original.called:
-        return original.result
-    return function(*args, **kwargs)
+    # A fault: what gunicorn's own would have returned.
+    return original.result if original.called else function(*args, **kwargs)
 
 
 class _Layer(object):
