@@ -69,7 +69,10 @@ def enabled(environ=os.environ):
     """Is healing on? ``configure(heal=...)`` first, then ``SAFE_GTHREAD_HEAL``.
 
     A bad environment value reads as on here; ``guard.install`` refuses it at boot.
+    Off, too, once a fault of ours turned it off in this process (``_patch``).
     """
+    if _patch.feature_disabled("heal"):
+        return False
     if _configured["heal"] is not None:
         return bool(_configured["heal"])
     try:

@@ -483,3 +483,11 @@ def test_the_uncontained_switch_lets_the_fault_through(module, contained, monkey
     assert _patch.wrap(module, "close_sockets", _calls()[1], KEY, feature="demo")
     with pytest.raises(RuntimeError):
         module.close_sockets([])
+
+
+def test_healing_stays_off_after_its_fault(contained):
+    from safe_gthread import _heal
+    assert _heal.enabled({})
+    with _patch.contain("heal"):
+        raise OSError("a bug of ours")
+    assert not _heal.enabled({})  # no new backup link, no check, until a restart
