@@ -55,12 +55,17 @@ ENV_TEST_UNCONTAINED = "SAFE_GTHREAD_TEST_UNCONTAINED"
 _log = logging.getLogger("gunicorn.error")
 
 
+#: Python 3.6 has no ``os.register_at_fork``: there a changed pid tells a forked child.
+#: Elsewhere the fork handler resets the state, and no call of ours asks for the pid
+#: (gunicorn's own tests count its ``os.getpid`` calls around ``reexec``).
+_PID_CHECK = not hasattr(os, "register_at_fork")
+
+
 class _Process(object):
-    """What faults did in one process: made afresh in a forked child (pid check: 3.6
-    has no ``os.register_at_fork``)."""
+    """What faults did in one process: made afresh in a forked child."""
 
     def __init__(self):
-        self.pid = os.getpid()
+        self.pid = os.getpid() if _PID_CHECK else None
         self.off = set()
         fault = os.environ.get(ENV_TEST_FAULT, "")
         name, _, nth = fault.partition(":")
@@ -85,7 +90,7 @@ class Once(object):
 
 def _here():
     process = _process[0]
-    if process is None or process.pid != os.getpid():
+    if process is None or (_PID_CHECK and process.pid != os.getpid()):
         process = _process[0] = _Process()
     return process
 
@@ -146,6 +151,7 @@ _after_fork = []
 
 
 def _run_after_fork():
+    _process[0] = None
     for callback in list(_after_fork):
         try:
             callback()
@@ -153,7 +159,7 @@ def _run_after_fork():
             pass
 
 
-if hasattr(os, "register_at_fork"):
+if not _PID_CHECK:
     os.register_at_fork(after_in_child=_run_after_fork)
 
 
@@ -167,7 +173,7 @@ def after_fork_in_child(callback):
 
 def forked():
     """Python 3.6 has no ``os.register_at_fork``: a worker calls this right after fork."""
-    if not hasattr(os, "register_at_fork"):
+    if _PID_CHECK:
         _run_after_fork()
 
 
