@@ -10,6 +10,7 @@ which is what every such fault did before containment.
 """
 import os
 import re
+import time
 
 import pytest
 
@@ -70,10 +71,13 @@ def test_a_fault_turns_the_feature_off_and_gunicorn_goes_on(gunicorn_server, mon
     # its listener (tcp_migrate_req = 0), and while every worker restarts at once none
     # listens, as with stock: those losses and no other.
     stock_losses = {"ECONNRESET", "ECONNREFUSED"} if feature == "reuse_port" else set()
-    again = _load.run_load(server.address, max_requests=50, seconds=30, concurrency=2)
-    for run in (result, again):
+    runs, deadline = [result], time.monotonic() + 30
+    while sum(run.ok for run in runs[1:]) < 50 and time.monotonic() < deadline:
+        runs.append(_load.run_load(server.address, max_requests=50, seconds=10,
+                                   concurrency=2))
+    for run in runs:
         assert set(run.errors) <= stock_losses, (run.as_dict(), server.log())
-        assert run.ok >= 50, (run.as_dict(), server.log())
+    assert result.ok >= 50 and sum(run.ok for run in runs[1:]) >= 50, server.log()
     assert server.proc.poll() is None and UNHANDLED not in server.errorlog()
     if feature == "heal":  # its backup link went with it
         assert not [n for n in os.listdir(server.directory) if n.endswith(".sg-backup")]
