@@ -18,6 +18,8 @@ from gunicorn.http import body as gunicorn_body
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import gthread
 
+from . import _patch
+
 GUNICORN_VERSION = getattr(gunicorn, "__version__", "(unknown version)")
 PYTHON_VERSION = platform.python_version()
 
@@ -199,18 +201,14 @@ def _statsd_timer_type():
 #: one (it then sends "histogram" as "|h"), "histogram" before (sent as "|ms").
 STATSD_TIMER_TYPE = _statsd_timer_type()
 
-_warned = set()
+_warned = _patch.Once()
 
 
 def warn_unrecognised(what, missing, log=None):
     """Say once, at WARNING, that ``what`` left ``missing`` (names) unpatched."""
-    key = (what, tuple(missing))
-    if key in _warned:
-        return
-    _warned.add(key)
-    (log or logging.getLogger("gunicorn.error")).warning(
-        "safe-gthread: gunicorn %s has a shape not recognised by %s; left as gunicorn "
-        "has it: %s.", GUNICORN_VERSION, what, ", ".join(missing))
+    _warned.say(log or logging.getLogger("gunicorn.error"), (what, tuple(missing)),
+                "safe-gthread: gunicorn %s has a shape not recognised by %s; left as "
+                "gunicorn has it: %s.", GUNICORN_VERSION, what, ", ".join(missing))
 
 
 def protections():

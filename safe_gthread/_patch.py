@@ -17,9 +17,24 @@ path) goes through :func:`wrap`, the way wrapt and OpenTelemetry's instrumentati
 A target that does not exist on this gunicorn, or whose parameters are no longer the
 ones the wrapper names, is not an error: :func:`wrap` returns False and the caller
 says, once, what it left unpatched.
+
+**No fault of ours stops gunicorn** (design invariant 10). Every layer belongs to a
+*feature* (``guard``, ``heal``, ``scheduler``, ``reuse_port``). If its ``impl`` raises an
+``Exception`` that gunicorn's own ``original`` did not raise, the feature is off in this
+process from then on: one ERROR on ``gunicorn.error`` with the traceback, every layer of
+the feature becomes a pass-through, callbacks given to :func:`on_disable` undo what the
+feature holds, and the call returns what gunicorn's original would (called now if the
+impl had not called it yet). What the original raises (gunicorn's ``HaltServer``,
+``SystemExit`` in a forked worker, ``StopIteration``) passes unchanged and disables
+nothing, as does a ``BaseException`` of ours (a deliberate ``SystemExit(1)``). Code not
+behind a wrapper reports the same way with ``with contain(feature):``. The state is per
+process: a fault in the arbiter leaves its workers' features on, and the reverse.
 """
+import contextlib
 import functools
 import inspect
+import logging
+import os
 import threading
 
 _lock = threading.RLock()
@@ -27,15 +42,183 @@ _lock = threading.RLock()
 _layers = {}
 
 
-class _Layer(object):
-    __slots__ = ("owner", "name", "key", "original", "wrapper", "inherited", "active")
+#: The feature a key's layers belong to unless ``wrap`` names one.
+_FEATURES = {"safe_gthread.guard": "guard", "safe_gthread.schedule": "scheduler",
+             "safe_gthread.reuseport": "reuse_port"}
+#: feature -> callbacks run once when it is turned off (close what it holds).
+_on_disable = {}
+#: Test-only: ``<feature>[:<n>]`` makes that feature's n-th contained call (default the
+#: first) raise RuntimeError, as a bug of ours would; ``SAFE_GTHREAD_TEST_UNCONTAINED=1``
+#: lets it through to gunicorn (the control: what a fault did before containment).
+ENV_TEST_FAULT = "SAFE_GTHREAD_TEST_FAULT"
+ENV_TEST_UNCONTAINED = "SAFE_GTHREAD_TEST_UNCONTAINED"
+_log = logging.getLogger("gunicorn.error")
 
-    def __init__(self, owner, name, key, original, inherited):
+
+#: Python 3.6 has no ``os.register_at_fork``: there a changed pid tells a forked child.
+#: Elsewhere the fork handler resets the state, and no call of ours asks for the pid
+#: (gunicorn's own tests count its ``os.getpid`` calls around ``reexec``).
+_PID_CHECK = not hasattr(os, "register_at_fork")
+
+
+class _Process(object):
+    """What faults did in one process: made afresh in a forked child."""
+
+    def __init__(self):
+        self.pid = os.getpid() if _PID_CHECK else None
+        self.off = set()
+        fault = os.environ.get(ENV_TEST_FAULT, "")
+        name, _, nth = fault.partition(":")
+        self.fault = (name, int(nth or 1)) if name else None
+        self.calls = 0
+
+
+_process = [None]
+
+
+class Once(object):
+    """Log each line once per key: the one say-once of every module."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def say(self, log, key, msg, *args, level="warning"):
+        if key not in self.keys:
+            self.keys.add(key)
+            getattr(log, level)(msg, *args)
+
+
+def _here():
+    process = _process[0]
+    if process is None or (_PID_CHECK and process.pid != os.getpid()):
+        process = _process[0] = _Process()
+    return process
+
+
+def feature_disabled(feature):
+    """True once a fault turned ``feature`` off in this process."""
+    return feature in _here().off
+
+
+def on_disable(feature, callback):
+    """Call ``callback()`` when a fault turns ``feature`` off (registered once per
+    callback): it closes what the feature holds, so gunicorn goes on as with stock."""
+    callbacks = _on_disable.setdefault(feature, [])
+    if callback not in callbacks:
+        callbacks.append(callback)
+
+
+def disable(feature, log=None):
+    """Turn ``feature`` off in this process; call it in an ``except`` block: the ERROR
+    carries that exception's traceback. Only the first fault of a feature is logged."""
+    process = _here()
+    if feature in process.off:
+        return
+    process.off.add(feature)
+    (log or _log).error("safe-gthread: %s failed and is off for this arbiter; gunicorn "
+                        "goes on as with the stock worker.", feature, exc_info=True)
+    for callback in _on_disable.get(feature, ()):
+        try:
+            callback()
+        except Exception:  # a cleanup that fails leaves only what stock would have
+            (log or _log).warning("safe-gthread: cleaning up after %s failed.", feature,
+                                  exc_info=True)
+
+
+def _inject(feature):
+    process = _here()
+    if process.fault is not None and process.fault[0] == feature:
+        process.calls += 1
+        if process.calls == process.fault[1]:
+            raise RuntimeError("safe-gthread test fault in %s (%s)" % (feature, ENV_TEST_FAULT))
+
+
+@contextlib.contextmanager
+def contain(feature, log=None, original=None):
+    """``with contain("heal"):`` code of ours outside a wrapper (a tick, a handler):
+    an Exception in it turns ``feature`` off (see :func:`disable`) instead of reaching
+    gunicorn. BaseExceptions (SystemExit, KeyboardInterrupt) pass, and so does what the
+    ``_Original`` given as ``original`` raised: gunicorn's own."""
+    try:
+        yield
+    except Exception as exc:
+        if exc is getattr(original, "raised", None) or os.environ.get(ENV_TEST_UNCONTAINED) == "1":
+            raise
+        disable(feature, log)
+
+
+_after_fork = []
+
+
+def _run_after_fork():
+    _process[0] = None
+    for callback in list(_after_fork):
+        try:
+            callback()
+        except Exception:  # a fork must go on whatever a cleanup does
+            pass
+
+
+if not _PID_CHECK:
+    os.register_at_fork(after_in_child=_run_after_fork)
+
+
+def after_fork_in_child(callback):
+    """Call ``callback()`` in every child forked from this process from now on: what
+    the arbiter holds and a worker must not (gunicorn forks without exec, so
+    close-on-exec does not keep it out of workers)."""
+    if callback not in _after_fork:
+        _after_fork.append(callback)
+
+
+def forked():
+    """Python 3.6 has no ``os.register_at_fork``: a worker calls this right after fork."""
+    if _PID_CHECK:
+        _run_after_fork()
+
+
+class _Original(object):
+    """The ``original`` an impl is given: it notes the exception gunicorn raised (so it
+    passes untouched) and the result it returned (to give back after a later fault)."""
+
+    __slots__ = ("function", "called", "result", "raised")
+
+    def __init__(self, function):
+        self.function = function
+        self.called = False
+        self.result = None
+        self.raised = None
+
+    def __call__(self, *args, **kwargs):
+        self.called = True
+        try:
+            self.result = self.function(*args, **kwargs)
+        except BaseException as exc:
+            self.raised = exc
+            raise
+        return self.result
+
+
+def _contained(feature, impl, function, args, kwargs):
+    original = _Original(function)
+    with contain(feature, original=original):
+        _inject(feature)
+        return impl(original, *args, **kwargs)
+    # A fault: what gunicorn's own would have returned.
+    return original.result if original.called else function(*args, **kwargs)
+
+
+class _Layer(object):
+    __slots__ = ("owner", "name", "key", "original", "wrapper", "inherited", "active",
+                 "feature")
+
+    def __init__(self, owner, name, key, original, inherited, feature):
         self.owner = owner
         self.name = name
         self.key = key
         self.original = original
         self.inherited = inherited
+        self.feature = feature
         self.wrapper = None
         self.active = True
 
@@ -84,13 +267,20 @@ def _fits(impl, function, method=False):
     return True
 
 
-def wrap(owner, name, impl, key="safe_gthread"):
+_KEY_FEATURE = object()
+
+
+def wrap(owner, name, impl, key="safe_gthread", feature=_KEY_FEATURE):
     """Replace ``owner.name`` with a wrapper calling ``impl(original, *args, **kwargs)``.
 
-    ``owner`` is a class or a module. Returns True when this call installed the layer,
-    False when it was already there, ``owner`` has no callable ``name``, or its
-    parameters are not the ones ``impl`` names (see ``_fits``).
+    ``owner`` is a class or a module. ``feature``: what a fault in ``impl`` turns off
+    (default: the key's, see ``_FEATURES``); None: not contained (a fault propagates,
+    for a layer whose pass-through would do harm). Returns True when this call
+    installed the layer, False when it was already there, ``owner`` has no callable
+    ``name``, or its parameters are not the ones ``impl`` names (see ``_fits``).
     """
+    if feature is _KEY_FEATURE:
+        feature = _FEATURES.get(key, key)
     with _lock:
         ident = (id(owner), name, key)
         if ident in _layers:
@@ -103,13 +293,17 @@ def wrap(owner, name, impl, key="safe_gthread"):
         method = isinstance(owner, type) and descriptor is not staticmethod
         if function is None or not callable(function) or not _fits(impl, function, method):
             return False
-        layer = _Layer(owner, name, key, original, inherited)
+        layer = _Layer(owner, name, key, original, inherited, feature)
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            if layer.active:
+            if not layer.active:
+                return function(*args, **kwargs)
+            if feature is None:
                 return impl(function, *args, **kwargs)
-            return function(*args, **kwargs)
+            if feature in _here().off:
+                return function(*args, **kwargs)
+            return _contained(feature, impl, function, args, kwargs)
 
         wrapper._safe_gthread_layer = layer
         layer.wrapper = wrapper if descriptor is None else descriptor(wrapper)
@@ -145,7 +339,7 @@ def in_effect(owner, name, key="safe_gthread"):
     installed and ``owner.name`` is its wrapper or wraps it (``__wrapped__``). False once
     something replaced it outright (a test's mock, a plain assignment by other code)."""
     layer = _layers.get((id(owner), name, key))
-    if layer is None or not layer.active:
+    if layer is None or not layer.active or (layer.feature and feature_disabled(layer.feature)):
         return False
     current = _raw(owner, name)[0]
     for _ in range(32):  # a chain of wrappers is short; a cycle must not hang the arbiter

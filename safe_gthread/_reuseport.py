@@ -23,7 +23,8 @@ connections queued there wait for the next worker of the slot instead of being r
   ``workers`` (TTOU) or it is for an address no longer configured (HUP with a new bind).
   So the group keeps exactly ``workers`` listeners, each with a worker accepting on it.
 - The arbiter's copies are close-on-exec (a USR2 master must not inherit listeners it
-  would never accept on); a worker closes every slot's copy but its own duplicate.
+  would never accept on); a worker closes every slot's copy but its own duplicate, and
+  any other child of the arbiter (gunicorn 27's dirty arbiter) closes them all.
 
 Only where it applies: gunicorn binds in workers (``_compat.REUSE_PORT_BINDS_IN_WORKERS``),
 ``reuse_port`` is on and every bind is a TCP address. Anything else passes straight
@@ -243,9 +244,7 @@ def _create_sockets(original, conf, log, *args, **kwargs):
     # In a freshly forked worker: its slot's listeners, duplicated (gunicorn wraps and
     # closes the fd it is given), and none of the other slots' copies.
     fds = [os.dup(fd) for fd in slot.fds()]
-    for other in _state.get("slots", []):
-        other.close()
-    _state.clear()
+    _drop_slots()
     kwargs["fds"] = fds
     return original(conf, log, **kwargs)
 
@@ -271,6 +270,10 @@ def install():
     with _lock:
         if all(_patch.is_wrapped(owner, name, key=PATCH_KEY) for owner, name, _ in targets):
             return False
+        # A fault turns the slots off: close the arbiter's copies, or a listener nobody
+        # accepts on would keep its share of the group's connections.
+        _patch.on_disable("reuse_port", _close_slots)
+        _patch.after_fork_in_child(_after_fork)
         if not _compat.CREATE_SOCKETS_TAKES_FDS or not all(
                 _patch.wrap(owner, name, impl, key=PATCH_KEY) for owner, name, impl in targets):
             # All or nothing: slots without the child's side would leave listeners
@@ -292,10 +295,29 @@ def uninstall():
                             (gunicorn_arbiter.Arbiter, "manage_workers"),
                             (gunicorn_arbiter.Arbiter, "spawn_worker")):
             removed |= _patch.unwrap(owner, name, key=PATCH_KEY)
-        for slot in _state.get("slots", []):
-            slot.close()
-        _state.clear()
+        _close_slots()
         return removed
+
+
+def _close_slots():
+    with _lock:
+        _drop_slots()
+
+
+def _drop_slots():
+    for slot in _state.get("slots", []):
+        slot.close()
+    _state.clear()
+
+
+def _after_fork():
+    # A child that is not a worker of ours (gunicorn 27's dirty arbiter, a hook's
+    # subprocess: plain forks) must not keep the slots' listeners: one that never
+    # accepts still gets its share of the group's connections, reset when it exits. A
+    # worker's fork leaves them to _create_sockets. No lock: the forking thread may hold
+    # it, and the child has no other thread.
+    if _state.get("pending") is None:
+        _drop_slots()
 
 
 def listener_count():

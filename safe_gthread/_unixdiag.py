@@ -21,6 +21,7 @@ NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 UDIAG_SHOW_NAME = 0x01
 UDIAG_SHOW_VFS = 0x02
+UNIX_DIAG_NAME = 0
 UNIX_DIAG_VFS = 1
 _NO_COOKIE = 0xFFFFFFFF
 
@@ -45,7 +46,7 @@ def request(sockfs_ino, seq=1):
 
 
 def parse(data, sockfs_ino):
-    """``(st_dev, st_ino)`` of the bound file in a ``unix_diag`` reply, or None."""
+    """``(st_dev, st_ino, name)`` of the bound file in a ``unix_diag`` reply, or None."""
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
@@ -57,30 +58,34 @@ def parse(data, sockfs_ino):
             start = offset + _NLMSGHDR.size
             ino = _MESSAGE.unpack_from(data, start)[4]
             if ino == sockfs_ino & 0xFFFFFFFF:
-                return _vfs(data[start + _MESSAGE.size:offset + length])
+                return _attributes(data[start + _MESSAGE.size:offset + length])
         offset += (length + 3) & ~3
     return None
 
 
-def _vfs(attrs):
-    offset = 0
+def _attributes(attrs):
+    vfs, name, offset = None, None, 0
     while offset + _RTATTR.size <= len(attrs):
         length, kind = _RTATTR.unpack_from(attrs, offset)
         if length < _RTATTR.size:
             return None
-        if kind == UNIX_DIAG_VFS and length >= _RTATTR.size + _VFS.size:
-            vfs_ino, vfs_dev = _VFS.unpack_from(attrs, offset + _RTATTR.size)
-            return kernel_dev(vfs_dev), vfs_ino
+        value = attrs[offset + _RTATTR.size:offset + length]
+        if kind == UNIX_DIAG_VFS and len(value) >= _VFS.size:
+            vfs_ino, vfs_dev = _VFS.unpack_from(value)
+            vfs = (kernel_dev(vfs_dev), vfs_ino)
+        elif kind == UNIX_DIAG_NAME:
+            name = os.fsdecode(value.rstrip(b"\0"))
         offset += (length + 3) & ~3
-    return None  # an unbound or abstract socket holds no file
+    return None if vfs is None else vfs + (name,)  # unbound or abstract: no file
 
 
 def bound_file(fd, timeout=1.0):
-    """``(st_dev, st_ino)`` of the file the unix socket ``fd`` is bound to, or None when
-    the kernel cannot tell (no netlink, no ``unix_diag``, an abstract or unbound socket).
+    """``(st_dev, st_ino, name)`` of the file the unix socket ``fd`` is bound to and the
+    name it was bound with, or None when the kernel cannot tell (no netlink, no
+    ``unix_diag``, an abstract or unbound socket).
 
     The inode number comes back as 32 bits (``udiag_vfs_ino`` is a ``__u32``): compare
-    it with :func:`same_file`, not ``==``.
+    with :func:`same_file`, which also holds the name to the path.
     """
     try:
         sockfs_ino = os.fstat(fd).st_ino
@@ -97,9 +102,13 @@ def bound_file(fd, timeout=1.0):
         conn.close()
 
 
-def same_file(bound, st):
-    """True if ``bound`` (from :func:`bound_file`) names the file ``st`` describes."""
+def same_file(bound, st, path):
+    """True if ``bound`` (from :func:`bound_file`) is the file ``st`` describes, found at
+    ``path``: the same device, the same low 32 bits of the inode (all the kernel gives;
+    on a file system with 64-bit inode numbers another file can share them) and the
+    name the socket was bound with."""
     if bound is None:
         return False
-    dev, ino = bound
-    return dev == st.st_dev and ino == st.st_ino & 0xFFFFFFFF
+    dev, ino, name = bound
+    return (dev == st.st_dev and ino == st.st_ino & 0xFFFFFFFF
+            and (name is None or name == path))

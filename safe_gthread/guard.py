@@ -29,8 +29,8 @@ gunicorn loads it), then
 * **heal** (``_heal``): while the arbiter runs, a removed path is linked back to the same
   listening socket from a backup hard link (or, with the backup gone too, a fresh socket
   is bound and the workers roll onto it); checked in the arbiter's loop every 0.2 s,
-  whenever a worker exits and, on gunicorn <= 23, as soon as a name is removed from the
-  socket's directory (inotify). Listeners bound before the guard existed (a HUP from the stock
+  whenever a worker exits and, on gunicorn <= 23, as soon as the socket file loses a name
+  (inotify). Listeners bound before the guard existed (a HUP from the stock
   worker) or inherited without an identity (USR2 from a stock master) are adopted when
   the kernel (``_unixdiag``) proves that the path names the very socket they are.
 * **who may connect**: one WARNING at boot if every local user can connect.
@@ -44,7 +44,6 @@ import os
 import select
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -68,14 +67,12 @@ HEALER_ATTR = "_safe_gthread_healer"
 INHERITED_ATTR = "_safe_gthread_inherited"
 #: Attribute on a listener: adoption was already considered.
 ADOPT_ATTR = "_safe_gthread_adopt_tried"
-#: How long the start probe waits for a listener to accept.
-PROBE_TIMEOUT = 1.0
 
 _lock = threading.Lock()
 _installed = []  # the (namespace, name) pairs this install() wrapped
 _healers = []  # the _heal.Healer of every path this arbiter owns
-_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when a name is removed
-_said = set()  # keys of one-time log lines
+_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when the socket file is removed
+_said = _patch.Once()
 #: The registry key of the guard's layers (see ``_patch``).
 PATCH_KEY = "safe_gthread.guard"
 
@@ -111,65 +108,25 @@ def unlink_decision(owner, path, pid, lstat=os.lstat):
     owner_pid, dev, ino = owner
     if owner_pid != pid:
         return False, "bound by pid %d" % owner_pid
-    try:
-        st = lstat(path)
-    except FileNotFoundError:
+    state, detail = _heal.assess(path, (dev, ino), lstat)
+    if state == _heal.MISSING:
         return False, "it is already gone"
-    except (OSError, ValueError) as exc:
-        return False, "it cannot be checked (%s)" % (getattr(exc, "strerror", None) or exc)
-    if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino):
+    if state == _heal.UNKNOWN:
+        return False, "it cannot be checked (%s)" % (getattr(detail, "strerror", None) or detail)
+    if state != _heal.OURS:
         return False, "another file has replaced the socket"
     return True, ""
 
 
 # -- start: what is at the path before gunicorn replaces it ------------------------------
 
-def probe(path, timeout=PROBE_TIMEOUT):
-    """Is a server listening on the unix socket ``path``? Return ``(live, pid)``.
-
-    Live: the connection is accepted (``pid`` from ``SO_PEERCRED`` where the kernel
-    tells, else None), the backlog is full (``EAGAIN``) or the connect times out.
-    Dead: refused. Anything else (no permission, ...) raises ``OSError``.
-    """
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    try:
-        client.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False, None
-    except (socket.timeout, BlockingIOError):
-        return True, None
-    except OSError as exc:
-        if exc.errno == errno.EAGAIN:
-            return True, None
-        raise
-    else:
-        return True, _peer_pid(client)
-    finally:
-        client.close()
-
-
-def _peer_pid(client):
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                  struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[0] or None
-    except OSError:
-        return None
-
-
-def _kind(mode):
-    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a regular file"),
-                       (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe")):
-        if test(mode):
-            return kind
-    return "not a socket"
+#: Is a server listening on a unix socket file? ``(live, pid)`` (``_heal.probe``).
+probe = _heal.probe
 
 
 def check_path(path, log, environ=os.environ):
-    """Raise ``Refused`` unless gunicorn may (remove and) bind the unix socket ``path``."""
+    """Raise ``Refused`` unless gunicorn may (remove and) bind the unix socket ``path``;
+    for a deliberate takeover, return its marker (``_heal.mark_takeover``)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -186,7 +143,7 @@ def check_path(path, log, environ=os.environ):
                       "socket; remove it or bind another path." % (path, target, dangling))
     if not stat.S_ISSOCK(st.st_mode):
         raise Refused("Not replacing unix:%s: it is %s, not a socket; remove it or bind "
-                      "another path." % (path, _kind(st.st_mode)))
+                      "another path." % (path, _heal.kind(st.st_mode, "not a socket")))
     try:
         live, pid = probe(path)
     except OSError as exc:
@@ -198,9 +155,11 @@ def check_path(path, log, environ=os.environ):
     if environ.get(ENV_REPLACE_LIVE) == "1":
         log.warning("Taking over unix:%s from a live listener (%s): %s=1 is set.",
                     path, holder, ENV_REPLACE_LIVE)
-        # Its backup links go first, or a healing server links its socket back over ours.
+        # Its backup links go first, or a healing server links its socket back over ours;
+        # the marker keeps it from binding the path anew before we do.
+        marker = _heal.mark_takeover(path)
         _heal.remove_links_to(path, (st.st_dev, st.st_ino), log)
-        return
+        return marker
     raise Refused("Connection in use: unix:%s is served by a live listener (%s); not "
                   "replacing it. Stop that server first, or set %s=1 to take the path "
                   "over." % (path, holder, ENV_REPLACE_LIVE))
@@ -250,17 +209,12 @@ def _exit_status(conf):
 
 def _record_owner(listener, name, pid=None):
     """Remember the file ``name`` that ``listener`` has just bound."""
-    if not is_filesystem_path(name):
-        return
-    try:
-        st = os.lstat(name)
-    except OSError:
-        return
-    if stat.S_ISSOCK(st.st_mode):
-        owner = (os.getpid() if pid is None else pid, st.st_dev, st.st_ino)
-        setattr(listener, OWNER_ATTR, owner)
-        return owner
-    return None
+    st = _heal.socket_stat(name) if is_filesystem_path(name) else None
+    if st is None:
+        return None
+    owner = (os.getpid() if pid is None else pid, st.st_dev, st.st_ino)
+    setattr(listener, OWNER_ATTR, owner)
+    return owner
 
 
 def _attr(listener, name):
@@ -340,15 +294,14 @@ def everyone_may_connect(path, stat_=os.stat, lstat=os.lstat):
 
 
 def warn_if_everyone_may_connect(path, log):
-    if path in _said or not everyone_may_connect(path):
+    if path in _said.keys or not everyone_may_connect(path):
         return
-    _said.add(path)
-    log.warning("unix:%s can be reached by every local user (socket mode %03o, and every "
-                "directory above it lets others through): any local account can send "
-                "requests to the app, past the proxy. Set umask = 0o007 in the gunicorn "
-                "config and add the proxy's user to gunicorn's group, or bind in a "
-                "directory only gunicorn and the proxy can reach.",
-                path, stat.S_IMODE(os.lstat(path).st_mode))
+    _said.say(log, path, "unix:%s can be reached by every local user (socket mode %03o, "
+              "and every directory above it lets others through): any local account can "
+              "send requests to the app, past the proxy. Set umask = 0o007 in the "
+              "gunicorn config and add the proxy's user to gunicorn's group, or bind in "
+              "a directory only gunicorn and the proxy can reach.",
+              path, stat.S_IMODE(os.lstat(path).st_mode))
 
 
 # -- healing: backups, adoption, the arbiter's check ---------------------------------------
@@ -365,7 +318,7 @@ def _track(listener, name, owner):
     setattr(listener, HEALER_ATTR, healer)
     _healers.append(healer)
     if _compat.ARBITER_WAIT == "sleep":  # >= 24 waits on a queue, not on descriptors
-        _watcher.add(os.path.dirname(name) or ".")
+        _watcher.add(name)
     return healer
 
 
@@ -389,14 +342,8 @@ def _release_all():
         _watcher.close()
 
 
-def _say_once(log, key, msg, *args):
-    if key not in _said:
-        _said.add(key)
-        log.warning(msg, *args)
-
-
-def adoption_decision(bound, st):
-    """May an arbiter own the path whose ``lstat`` is ``st`` (None: missing), for a
+def adoption_decision(bound, st, path):
+    """May an arbiter own ``path``, whose ``lstat`` is ``st`` (None: missing), for a
     listener the kernel says is bound to the file ``bound`` (None: cannot tell)?
     Return ``(bool, reason)``."""
     if bound is None:
@@ -404,7 +351,7 @@ def adoption_decision(bound, st):
                        "(netlink unix_diag unavailable)")
     if st is None:
         return False, "the path is already gone"
-    if not stat.S_ISSOCK(st.st_mode) or not _unixdiag.same_file(bound, st):
+    if not stat.S_ISSOCK(st.st_mode) or not _unixdiag.same_file(bound, st, path):
         return False, "the path names another file than the socket this master listens on"
     return True, ""
 
@@ -429,7 +376,7 @@ def _maybe_adopt(listener, log, pid, systemd=False, reuse_port=False):
         st = os.lstat(name)
     except OSError:
         st = None
-    allowed, reason = adoption_decision(_unixdiag.bound_file(fd), st)
+    allowed, reason = adoption_decision(_unixdiag.bound_file(fd), st, name)
     if not allowed:
         log.warning("Not adopting unix:%s (bound before safe-gthread was loaded): %s. It "
                     "is not restored if removed, nor removed at stop; a stop and start "
@@ -442,16 +389,9 @@ def _maybe_adopt(listener, log, pid, systemd=False, reuse_port=False):
     _track(listener, name, owner)
 
 
-def _tick(arbiter):
-    """The arbiter's check, never an exception in its loop."""
-    try:
-        _check_paths(arbiter)
-    except Exception as exc:  # the arbiter must keep running whatever happens here
-        _say_once(arbiter.log, ("tick", type(exc)), "safe-gthread: the socket path check "
-                  "failed (%s: %s); the server keeps running.", type(exc).__name__, exc)
-
-
 def _check_paths(arbiter):
+    """The arbiter's check of its paths (inside the "heal" layers: a fault turns healing
+    off, never stops the arbiter)."""
     if not _heal.enabled():
         _release_all()
         return
@@ -506,8 +446,7 @@ def _rebind(arbiter, listener, healer):
 def _open(original, self, addr, conf, log, **kwargs):
     """Check, then bind ``addr`` for the listener ``self``; raise ``Refused``."""
     _check_reuse_port(addr, conf)
-    if is_filesystem_path(addr):
-        check_path(addr, log)
+    marker = check_path(addr, log) if is_filesystem_path(addr) else None
     try:
         if is_filesystem_path(addr):
             original(self, addr, conf, log, **kwargs)
@@ -515,6 +454,8 @@ def _open(original, self, addr, conf, log, **kwargs):
             gunicorn_sock.BaseSocket.__init__(self, addr, conf, log, **kwargs)
     except OSError as exc:
         raise Refused(_bind_failure(addr, exc))
+    finally:
+        _heal.unmark_takeover(marker)
 
 
 def _init(original, self, addr, conf, log, fd=None, **kwargs):
@@ -596,14 +537,14 @@ def _manage_workers(original, self, *args, **kwargs):
     # Every round of the arbiter's loop, and inside reload() before it TERMs the old
     # workers: on a HUP from the stock 19.6.0 worker the listeners are adopted (and
     # backed up) here, before those workers unlink the path on their way out.
-    _tick(self)
+    _check_paths(self)
     return original(self, *args, **kwargs)
 
 
 def _sleep(original, self, *args, **kwargs):
     # gunicorn <= 23: ``select`` on the self-pipe for 1 s. Wait the same second in slices
-    # and check the paths between them, and at once when a name is removed from their
-    # directory (inotify); a readable pipe (a signal, a worker's exit) goes to the
+    # and check the paths between them, and at once when a socket file loses a name
+    # (inotify); a readable pipe (a signal, a worker's exit) goes to the
     # original at once, which drains it: no wakeup is ever swallowed or delayed.
     pipe = getattr(self, "PIPE", None)
     if not _healers or not pipe:
@@ -627,7 +568,7 @@ def _sleep(original, self, *args, **kwargs):
             return original(self, *args, **kwargs)
         if ready:
             _watcher.drain()
-        _tick(self)
+        _check_paths(self)
 
 
 def _wait_for_signals(original, self, *args, **kwargs):
@@ -643,6 +584,23 @@ def _wait_for_signals(original, self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
+_reloads = [0]
+
+
+def reloads():
+    """How many times this arbiter reloaded its configuration (HUP)."""
+    return _reloads[0]
+
+
+def _reload(original, self, *args, **kwargs):
+    # HUP runs the config file again: what its configure() set before must not outlive
+    # a config that no longer calls it (the environment and the defaults then apply).
+    _settings.reset()
+    _heal.set_enabled(None)
+    _reloads[0] += 1  # the worker class's setup runs again for the new configuration
+    return original(self, *args, **kwargs)
+
+
 def _stop(original, self, *args, **kwargs):
     # Whatever gunicorn decided about the path (a USR2 successor keeps it), this master's
     # backup links go with it: the successor made its own.
@@ -653,22 +611,23 @@ def _stop(original, self, *args, **kwargs):
 
 
 def _targets():
-    """What the guard wraps on this gunicorn: ``(namespace, name, impl)``."""
-    yield gunicorn_sock.UnixSocket, "__init__", _init
-    yield gunicorn_sock.UnixSocket, "bind", _bind
+    """What the guard wraps on this gunicorn: ``(namespace, name, impl, feature)``, the
+    feature a fault in ``impl`` turns off (``_patch``)."""
+    yield gunicorn_sock.UnixSocket, "__init__", _init, "guard"
+    yield gunicorn_sock.UnixSocket, "bind", _bind, "guard"
     if _compat.UNIX_CLOSE_UNLINKS:
-        yield gunicorn_sock.UnixSocket, "close", _close
+        # Not contained: 19.6.0's own close() is the bug (every worker unlinks the path).
+        yield gunicorn_sock.UnixSocket, "close", _close, None
     if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
-        yield gunicorn_sock, "close_sockets", _close_sockets
-    yield gunicorn_arbiter.Arbiter, "reexec", _reexec
-    yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers
-    yield gunicorn_arbiter.Arbiter, "stop", _stop
-    if _compat.ARBITER_WAIT == "sleep":
-        yield gunicorn_arbiter.Arbiter, "sleep", _sleep
-    elif _compat.ARBITER_WAIT == "wait_for_signals":
-        yield gunicorn_arbiter.Arbiter, "wait_for_signals", _wait_for_signals
-    else:
-        yield gunicorn_arbiter.Arbiter, "sleep", _sleep  # missing: named in the WARNING
+        yield gunicorn_sock, "close_sockets", _close_sockets, "guard"
+    yield gunicorn_arbiter.Arbiter, "reexec", _reexec, "guard"
+    yield gunicorn_arbiter.Arbiter, "reload", _reload, "guard"
+    yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers, "heal"
+    yield gunicorn_arbiter.Arbiter, "stop", _stop, "heal"
+    if _compat.ARBITER_WAIT == "wait_for_signals":
+        yield gunicorn_arbiter.Arbiter, "wait_for_signals", _wait_for_signals, "heal"
+    else:  # "sleep"; neither: named in the WARNING
+        yield gunicorn_arbiter.Arbiter, "sleep", _sleep, "heal"
 
 
 def install(log=None):
@@ -685,9 +644,10 @@ def install(log=None):
             _heal.parse_heal(os.environ.get(_heal.ENV_HEAL))
         except ValueError as exc:
             _settings.fail(str(exc), log)  # one line, exit 1, as for any bad setting
+        _patch.on_disable("heal", _release_all)
         missing = []
-        for namespace, name, impl in _targets():
-            if _patch.wrap(namespace, name, impl, key=PATCH_KEY):
+        for namespace, name, impl, feature in _targets():
+            if _patch.wrap(namespace, name, impl, key=PATCH_KEY, feature=feature):
                 _installed.append((namespace, name))
             elif not _patch.is_wrapped(namespace, name, key=PATCH_KEY):
                 missing.append("%s.%s" % (getattr(namespace, "__name__", namespace), name))

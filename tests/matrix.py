@@ -19,7 +19,9 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -154,6 +156,79 @@ def prepare(gunicorn, python, wheel):
     return venv
 
 
+#: The cells' pytest processes now running; a signal to the matrix ends them and all
+#: they started (each server runs in a session of its own, out of reach of Ctrl-C).
+_running = set()
+_running_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def _descendant_groups(pid):
+    """The process groups of ``pid``'s live descendants (Linux /proc), ``pid``'s first."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append((int(entry), int(fields[2])))
+    groups, todo = [os.getpgid(pid)] if os.path.exists("/proc/%d" % pid) else [], [pid]
+    while todo:
+        for child, group in parents.get(todo.pop(), ()):
+            todo.append(child)
+            if group not in groups:
+                groups.append(group)
+    return groups
+
+
+def terminate(proc, grace=20.0):
+    """End a cell's pytest and every server it started, by process group: SIGTERM, then
+    SIGKILL what is left after ``grace`` seconds."""
+    groups = _descendant_groups(proc.pid)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not any(_group_alive(group) for group in groups):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(group):
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _on_signal(signum, frame):
+    _stopping.set()
+    print("matrix: %s: stopping every cell and its servers" % signal.Signals(signum).name,
+          flush=True)
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        terminate(proc)
+    raise SystemExit(128 + signum)
+
+
+def stop_cells_on_signals():
+    """Ctrl-C or SIGTERM to the matrix ends every running cell and the servers it started
+    (before, they ran on: each server is in a session of its own)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_signal)
+
+
 def count(junit):
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     if not os.path.exists(junit):
@@ -174,6 +249,8 @@ def run_cell(number, total, gunicorn, python, wheel, extra, load=ALL_LOAD):
     """Prepare one cell's venv and run the suite in it, with the files of tests/load/
     named in ``load``; return (cell counts, output)."""
     label = "gunicorn %s on Python %s" % (gunicorn, python)
+    if _stopping.is_set():
+        raise SystemExit(1)
     print("=== [%d/%d] %s: preparing its venv" % (number, total, label), flush=True)
     started = time.monotonic()
     venv = prepare(gunicorn, python, wheel)
@@ -191,19 +268,30 @@ def run_cell(number, total, gunicorn, python, wheel, extra, load=ALL_LOAD):
     basetemp = tempfile.mkdtemp(prefix="sgm-")
     try:
         # The venv's pytest script, not ``python -m pytest``: the source tree must not
-        # shadow the installed package on sys.path.
-        proc = subprocess.run(
-            [os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider", "-rfEs",
-             "--basetemp", os.path.join(basetemp, "t"), "--junitxml", junit,
-             "-o", "junit_family=xunit1"] + paths + extra,
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # shadow the installed package on sys.path. In a session of its own: a signal to
+        # the matrix ends it and its servers (``_on_signal``), not only some of them.
+        with _running_lock:
+            if _stopping.is_set():
+                raise SystemExit(1)
+            proc = subprocess.Popen(
+                [os.path.join(venv, "bin", "pytest"), "-q", "-p", "no:cacheprovider",
+                 "-rfEs", "--basetemp", os.path.join(basetemp, "t"), "--junitxml", junit,
+                 "-o", "junit_family=xunit1"] + paths + extra,
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True)
+            _running.add(proc)
+        try:
+            out = proc.communicate()[0]
+        finally:
+            with _running_lock:
+                _running.discard(proc)
     finally:
         shutil.rmtree(basetemp, ignore_errors=True)
     cell = count(junit)
     line = "%-32s %3d passed, %d failed, %d skipped  (%ds, %s)" % (
         label, cell["passed"], cell["failed"], cell["skipped"], time.monotonic() - started,
         what)
-    output = proc.stdout.decode("utf-8", "replace")
+    output = out.decode("utf-8", "replace")
     return cell, line, "\n=== [%d/%d] %s\n%s" % (number, total, label, output)
 
 
@@ -265,6 +353,7 @@ def main(argv=None):
     cells = args.cells or CELLS
     for _, python in cells:
         find_python(python)  # a missing interpreter fails here, before any venv is built
+    stop_cells_on_signals()
     with built_wheel() as wheel:
         return _run_cells(args, cells, wheel, extra)
 

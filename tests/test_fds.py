@@ -38,9 +38,10 @@ def held(first_seen, table, arbiter_targets, now):
     and sockets). A worker needs a few (stdio, the log, the listeners, its own
     heartbeat file); what it opens itself (its poller, pool pipes, client connections)
     depends on how long it lived and where the load went, not on what it leaks.
-    ``anon_inode`` targets look alike by name: left out."""
+    ``anon_inode`` targets (the arbiter's inotify, a poller) count too: they look alike
+    by name, but a stock worker's count has the same ones."""
     return sum(1 for fd, target in table.items()
-               if target in arbiter_targets and not target.startswith("anon_inode:")
+               if target in arbiter_targets
                and now - first_seen.get((fd, target), now) >= HELD_FOR)
 
 

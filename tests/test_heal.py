@@ -3,7 +3,9 @@ socket's file (``_unixdiag``), the backup link, what is at the path and what may
 (``_heal``), adoption and the arbiter's loop wrappers (``guard``). In-process, on real
 sockets in ``tmp_path``; the end-to-end cells are in ``test_heal_scenarios.py``."""
 import errno
+import logging
 import os
+import re
 import select
 import socket
 import stat
@@ -11,7 +13,7 @@ import time
 
 import pytest
 
-from safe_gthread import _heal, _unixdiag, guard
+from safe_gthread import _heal, _patch, _unixdiag, guard
 from test_guard import Listener, Log
 
 
@@ -69,11 +71,11 @@ def test_the_kernel_names_the_bound_file(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sock = sockets(path)
     bound = kernel_bound_file(sock)
-    assert _unixdiag.same_file(bound, os.lstat(path))
+    assert bound[2] == path and _unixdiag.same_file(bound, os.lstat(path), path)
     # The path unlinked and reused by another server's socket: no longer the same file.
     os.unlink(path)
     sockets(path)
-    assert not _unixdiag.same_file(_unixdiag.bound_file(sock.fileno()), os.lstat(path))
+    assert not _unixdiag.same_file(_unixdiag.bound_file(sock.fileno()), os.lstat(path), path)
 
 
 def test_the_kernel_sees_through_a_hard_link(tmp_path, sockets):
@@ -83,7 +85,7 @@ def test_the_kernel_sees_through_a_hard_link(tmp_path, sockets):
     os.link(path, str(tmp_path / "backup"))
     os.unlink(path)
     os.link(str(tmp_path / "backup"), path)
-    assert _unixdiag.same_file(_unixdiag.bound_file(sock.fileno()), os.lstat(path))
+    assert _unixdiag.same_file(_unixdiag.bound_file(sock.fileno()), os.lstat(path), path)
     assert connects(path)
 
 
@@ -110,8 +112,30 @@ def test_garbage_replies_answer_none(data):
 
 def test_kernel_dev_encoding():
     assert _unixdiag.kernel_dev((254 << 20) | 3) == os.makedev(254, 3)
-    assert _unixdiag.same_file((os.makedev(8, 1), 5), os.stat_result(
-        (stat.S_IFSOCK, (1 << 32) + 5, os.makedev(8, 1), 1, 0, 0, 0, 0, 0, 0)))
+    assert _unixdiag.same_file((os.makedev(8, 1), 5, "/s"), os.stat_result(
+        (stat.S_IFSOCK, (1 << 32) + 5, os.makedev(8, 1), 1, 0, 0, 0, 0, 0, 0)), "/s")
+
+
+def _reply(sockfs_ino, vfs_ino, vfs_dev, name):
+    attrs = b""
+    for kind, value in ((_unixdiag.UNIX_DIAG_NAME, name),
+                        (_unixdiag.UNIX_DIAG_VFS, _unixdiag._VFS.pack(vfs_ino, vfs_dev))):
+        attr = _unixdiag._RTATTR.pack(_unixdiag._RTATTR.size + len(value), kind) + value
+        attrs += attr + b"\0" * (-len(attr) % 4)
+    body = _unixdiag._MESSAGE.pack(socket.AF_UNIX, 1, 10, 0, sockfs_ino, 0, 0) + attrs
+    return _unixdiag._NLMSGHDR.pack(_unixdiag._NLMSGHDR.size + len(body),
+                                    _unixdiag.SOCK_DIAG_BY_FAMILY, 0, 1, 0) + body
+
+
+def test_the_name_the_kernel_gives_is_held_to_the_path():
+    """Issue 18 i: the kernel gives 32 bits of the inode; on a file system with 64-bit
+    inode numbers another socket at the path could share them. The bound name, which
+    was asked for and ignored, must match too."""
+    bound = _unixdiag.parse(_reply(1234, 5, (8 << 20) | 1, b"/run/a.sock"), 1234)
+    assert bound == (os.makedev(8, 1), 5, "/run/a.sock")
+    st = os.stat_result((stat.S_IFSOCK, (1 << 32) + 5, os.makedev(8, 1), 1, 0, 0, 0, 0, 0, 0))
+    assert _unixdiag.same_file(bound, st, "/run/a.sock")
+    assert not _unixdiag.same_file(bound, st, "/run/b.sock")
 
 
 # -- the setting ---------------------------------------------------------------------------
@@ -145,23 +169,25 @@ def test_enabled_reads_configure_first():
 
 def test_backup_names_match_only_their_path():
     path = "/run/app/gunicorn.sock"
-    backup = _heal.backup_path(path, 4242)
-    assert backup == "/run/app/.gunicorn.sock.4242.sg-backup"
-    assert _heal.backup_pid(path, os.path.basename(backup)) == 4242
+    backup = _heal.backup_path(path)
+    assert re.match(r"\A/run/app/\.gunicorn\.sock\.[0-9a-f]{16}\.sg-backup\Z", backup)
+    assert _heal.backup_path(path) != backup  # a new token every time
+    assert _heal.is_backup_name(path, os.path.basename(backup))
+    assert _heal.is_backup_name(path, ".gunicorn.sock.4242.sg-backup")  # before 0.3: a pid
     for other in (".gunicorn.sock.x.sg-backup", ".gunicorn.sock.4242.sg-backup~",
                   "gunicorn.sock.4242.sg-backup", ".gunicorn.sockX4242.sg-backup",
                   ".other.sock.4242.sg-backup", ".gunicorn.sock.0.sg-backup",
-                  ".gunicorn.sock..sg-backup", "gunicorn.sock"):
-        assert _heal.backup_pid(path, other) is None, other
+                  ".gunicorn.sock..sg-backup", "gunicorn.sock",
+                  ".gunicorn.sock.0123456789ABCDEF.sg-backup"):
+        assert not _heal.is_backup_name(path, other), other
 
 
 def test_make_and_remove_backup(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sockets(path)
-    backup = _heal.make_backup(path, ident(path), 77)
+    backup = _heal.make_backup(path, ident(path))
     assert ident(backup) == ident(path)
     assert stat.S_IMODE(os.lstat(backup).st_mode) == stat.S_IMODE(os.lstat(path).st_mode)
-    assert _heal.make_backup(path, ident(path), 77) == backup  # twice: the same
     assert _heal.remove_backup(backup, ident(path)) is True
     assert not os.path.lexists(backup)
     assert _heal.remove_backup(backup, ident(path)) is False
@@ -178,22 +204,79 @@ def test_remove_backup_never_touches_anything_else(tmp_path):
     assert os.path.islink(path)
 
 
-def test_remove_stale_only_dead_pids_sockets_and_our_pattern(tmp_path, sockets):
+def dead_socket(path):
+    """A socket file nobody listens on any more (its server was SIGKILLed)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.close()
+
+
+def test_remove_stale_only_dead_sockets_of_our_pattern(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sockets(path)
-    dead, live, regular = 999991, 999992, 999993
-    for pid in (dead, live):
-        os.link(path, _heal.backup_path(path, pid))
-    with open(_heal.backup_path(path, regular), "w") as fh:
+    ours = str(tmp_path / ".s.sock.999991.sg-backup")
+    os.link(path, ours)  # a link to our own socket (a USR2 pair's): kept
+    dead = _heal.backup_path(path)
+    dead_socket(dead)
+    live = _heal.backup_path(path)
+    sockets(live)  # another server's, alive: kept
+    regular = str(tmp_path / ".s.sock.999993.sg-backup")
+    with open(regular, "w") as fh:
         fh.write("not a socket")
-    os.link(path, str(tmp_path / ".other.sock.999991.sg-backup"))
+    other = str(tmp_path / ".other.sock.999991.sg-backup")
+    dead_socket(other)
     log = Log()
-    removed = _heal.remove_stale(path, log, alive=lambda pid: pid == live)
-    assert removed == [_heal.backup_path(path, dead)]
-    assert sorted(os.listdir(str(tmp_path))) == sorted([
-        "s.sock", ".s.sock.999992.sg-backup", ".s.sock.999993.sg-backup",
-        ".other.sock.999991.sg-backup"])
-    assert len(log.lines) == 1 and "999991" in log.lines[0][1]
+    assert _heal.remove_stale(path, ident(path), log) == [dead]
+    assert sorted(os.listdir(str(tmp_path))) == sorted(
+        os.path.basename(p) for p in (path, ours, live, regular, other))
+    assert len(log.lines) == 1 and dead in log.lines[0][1]
+
+
+def test_a_long_backup_name_is_still_probed(tmp_path, sockets):
+    """A backup name is longer than its socket's path: past sockaddr_un's 108 bytes a
+    connect by name fails, and a dead backup looked alive (never removed)."""
+    directory = tmp_path / ("d" * max(100 - len(str(tmp_path)), 1))
+    directory.mkdir()
+    path = str(directory / "s")
+    sockets(path)
+    live, dead = _heal.backup_path(path), _heal.backup_path(path)
+    assert len(live) > 108
+    os.link(path, live)
+    assert _heal.listening(live)
+    dead_socket(path + "2")
+    os.rename(path + "2", dead)
+    assert not _heal.listening(dead)
+    assert _heal.remove_stale(path, (0, 0), Log()) == [dead]
+
+
+def test_a_master_with_a_dead_masters_pid_heals(tmp_path, sockets):
+    """Issue 18 b: PID 1 in a container, restarted after a SIGKILL with its socket
+    directory on a volume, finds the backup the dead master made under its own pid. It
+    must remove it and make its own (before: taken for its own, never removed, and its
+    own backup failed with EEXIST: no healing)."""
+    path = str(tmp_path / "s.sock")
+    stale = str(tmp_path / (".s.sock.%d.sg-backup" % os.getpid()))
+    dead_socket(stale)
+    sock = sockets(path)
+    healer = healer_for(path, sock)
+    assert healer.start() is not None and healer.backup != stale
+    assert not os.path.lexists(stale)
+    os.unlink(path)
+    assert healer.check() == _heal.RESTORE and ident(path) == healer.ident
+
+
+def test_a_name_taken_first_does_not_stop_the_backup(tmp_path, sockets, monkeypatch):
+    """Issue 18 g: in a shared directory a local user could create our backup name first;
+    now the name cannot be guessed, and a taken one only means drawing another."""
+    path = str(tmp_path / "s.sock")
+    sockets(path)
+    taken = str(tmp_path / ".s.sock.0000000000000000.sg-backup")
+    open(taken, "w").close()
+    tokens = iter([b"\0" * 8, b"\1" * 8])
+    monkeypatch.setattr(_heal.os, "urandom", lambda n: next(tokens))
+    backup = _heal.make_backup(path, ident(path))
+    assert backup.endswith(".0101010101010101.sg-backup") and ident(backup) == ident(path)
+    assert open(taken).read() == ""
 
 
 # -- what is at the path, what may be done -------------------------------------------------
@@ -246,7 +329,7 @@ def test_restore_after_rm_reaches_the_same_listener(tmp_path, sockets):
     sock = sockets(path)
     log = Log()
     healer = healer_for(path, sock, log)
-    assert healer.start() == _heal.backup_path(path, os.getpid())
+    assert healer.start() is not None and ident(healer.backup) == ident(path)
     assert healer.check() == _heal.NOTHING and log.lines == []
     for _ in range(2):  # rm twice
         os.unlink(path)
@@ -338,14 +421,45 @@ def test_a_takeover_after_the_backup_went_is_left_alone(tmp_path, sockets):
 def test_remove_links_to_only_that_socket(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sockets(path)
-    mine = _heal.backup_path(path, 999991)
+    mine = _heal.backup_path(path)
     os.link(path, mine)
     other = str(tmp_path / "o.sock")
     sockets(other)
-    theirs = _heal.backup_path(path, 999992)
+    theirs = _heal.backup_path(path)
     os.link(other, theirs)  # our name, another inode
     assert _heal.remove_links_to(path, ident(path), Log()) == [mine]
     assert os.path.lexists(theirs)
+
+
+def test_healing_never_binds_in_a_takeovers_way(tmp_path, sockets, monkeypatch):
+    """Issue 18 f: between a deliberate takeover's removal of the path and its bind, the
+    old server's healing must not bind the path anew (the newcomer would get
+    EADDRINUSE)."""
+    path = str(tmp_path / "s.sock")
+    sock = sockets(path)
+    healer = healer_for(path, sock)
+    healer.start()
+    monkeypatch.setenv(guard.ENV_REPLACE_LIVE, "1")
+    marker = guard.check_path(path, Log())  # the newcomer: its backups go
+    os.unlink(path)  # gunicorn's own removal; its bind is slow to come
+    assert healer.check(now=100.0) == _heal.NOTHING
+    assert healer.check(now=101.0) == _heal.NOTHING  # before: REBIND
+    sockets(path)  # the newcomer binds
+    _heal.unmark_takeover(marker)
+    assert healer.check(now=102.0) == _heal.LEAVE
+    assert sorted(os.listdir(str(tmp_path))) == ["s.sock"]
+
+
+def test_a_dead_newcomers_marker_holds_nothing_back(tmp_path, sockets, monkeypatch):
+    path = str(tmp_path / "s.sock")
+    sock = sockets(path)
+    healer = healer_for(path, sock)
+    marker = _heal.mark_takeover(path)
+    past = time.time() - _heal.TAKEOVER_HOLD - 1
+    os.utime(marker, (past, past))
+    os.unlink(path)
+    healer.check(now=100.0)
+    assert healer.check(now=101.0) == _heal.REBIND
 
 
 def test_a_replaced_backup_is_never_linked_back(tmp_path, sockets):
@@ -359,18 +473,20 @@ def test_a_replaced_backup_is_never_linked_back(tmp_path, sockets):
     healer.check(now=100.0)
     assert healer.check(now=101.0) == _heal.REBIND
     healer.release()  # leaves that socket alone: it is not ours
-    assert stat.S_ISSOCK(os.lstat(_heal.backup_path(path, os.getpid())).st_mode)
+    assert len([n for n in os.listdir(str(tmp_path)) if n.endswith(".sg-backup")]) == 1
 
 
-def test_no_backup_possible_is_one_warning(tmp_path, sockets):
+def test_no_backup_possible_is_one_warning(tmp_path, sockets, monkeypatch):
     path = str(tmp_path / "s.sock")
     sock = sockets(path)
     log = Log()
     healer = healer_for(path, sock, log)
-    with open(_heal.backup_path(path, os.getpid()), "w"):
-        pass  # the name is taken by a regular file: link fails with EEXIST
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(_heal.os, "link", denied)
     assert healer.start() is None
-    assert len(log.warnings()) == 1 and "Cannot make the backup link" in log.warnings()[0]
+    assert len(log.warnings()) == 1 and "Cannot make a backup link" in log.warnings()[0]
 
 
 # -- adoption and who may connect ----------------------------------------------------------
@@ -379,12 +495,12 @@ def test_adoption_decision(tmp_path, sockets):
     path = str(tmp_path / "s.sock")
     sock = sockets(path)
     bound = kernel_bound_file(sock)
-    assert guard.adoption_decision(bound, os.lstat(path)) == (True, "")
-    assert guard.adoption_decision(None, os.lstat(path))[0] is False
-    assert guard.adoption_decision(bound, None) == (False, "the path is already gone")
+    assert guard.adoption_decision(bound, os.lstat(path), path) == (True, "")
+    assert guard.adoption_decision(None, os.lstat(path), path)[0] is False
+    assert guard.adoption_decision(bound, None, path) == (False, "the path is already gone")
     os.unlink(path)
     sockets(path)  # another server's socket now
-    allowed, reason = guard.adoption_decision(bound, os.lstat(path))
+    allowed, reason = guard.adoption_decision(bound, os.lstat(path), path)
     assert not allowed and "another file" in reason
 
 
@@ -427,9 +543,10 @@ class FakeArbiter(object):
 
 @pytest.fixture
 def ticking(monkeypatch):
-    """guard._tick counted, with one (fake) path owned so the wrappers engage."""
+    """guard._check_paths counted, with one (fake) path owned so the wrappers engage."""
     counted = []
-    monkeypatch.setattr(guard, "_tick", lambda arbiter: counted.append(time.monotonic()))
+    monkeypatch.setattr(guard, "_check_paths",
+                        lambda arbiter: counted.append(time.monotonic()))
     monkeypatch.setattr(guard, "_healers", [object()])
     return counted
 
@@ -485,17 +602,33 @@ def test_wait_for_signals_unchanged_without_a_path(monkeypatch):
     assert seen == [1.0]
 
 
-def test_the_check_never_raises_into_the_arbiter(monkeypatch):
+def test_the_check_never_raises_into_the_arbiter(monkeypatch, caplog):
+    """A fault in the check turns healing off (one ERROR with its traceback, the backups
+    released) and the arbiter's own manage_workers still runs, then and afterwards."""
     def broken(arbiter):
         raise RuntimeError("boom")
     monkeypatch.setattr(guard, "_check_paths", broken)
-    arbiter = FakeArbiter()
-    try:
-        guard._tick(arbiter)
-        guard._tick(arbiter)
-        assert len(arbiter.log.warnings()) == 1 and "boom" in arbiter.log.warnings()[0]
-    finally:
-        arbiter.close()
+    released = []
+    monkeypatch.setattr(guard, "_release_all", lambda: released.append(1))
+    monkeypatch.setattr(_patch, "_on_disable", {})
+    monkeypatch.setattr(_patch, "_process", [None])
+    _patch.on_disable("heal", lambda: guard._release_all())
+
+    class Arbiter(object):
+        def manage_workers(self):
+            managed.append(1)
+            return "managed"
+    managed = []
+    assert _patch.wrap(Arbiter, "manage_workers", guard._manage_workers,
+                       key="tests.heal", feature="heal")
+    with caplog.at_level(logging.ERROR, logger="gunicorn.error"):
+        assert Arbiter().manage_workers() == "managed"
+        assert Arbiter().manage_workers() == "managed"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "heal failed" in errors[0].getMessage()
+    assert "boom" in str(errors[0].exc_info[1])
+    assert managed == [1, 1] and released == [1] and _patch.feature_disabled("heal")
+    _patch.unwrap(Arbiter, "manage_workers", key="tests.heal")
 
 
 def test_the_arbiter_wait_is_detected():
@@ -523,7 +656,7 @@ def test_the_check_adopts_a_listener_bound_before_the_guard(tmp_path, sockets,
         guard._check_paths(arbiter)
         owner = vars(arbiter.LISTENERS[0])[guard.OWNER_ATTR]
         assert owner == (os.getpid(),) + ident(path)
-        assert os.path.exists(_heal.backup_path(path, os.getpid()))
+        assert [n for n in os.listdir(str(tmp_path)) if _heal.is_backup_name(path, n)]
         assert any("Adopted unix:%s" % path in line for _, line in arbiter.log.lines)
         os.unlink(path)
         guard._check_paths(arbiter)  # restored
@@ -568,34 +701,89 @@ def test_systemd_and_tcp_listeners_are_never_adopted(tmp_path, sockets, fresh_gu
         arbiter.close()
 
 
-def test_the_watcher_wakes_on_a_removal(tmp_path):
+def test_the_watcher_wakes_only_for_the_socket_file(tmp_path, sockets):
+    """Issue 18 d: a directory watch woke the arbiter for every name anybody removed in
+    the socket's directory (/tmp: any local user); only the socket's own names count."""
+    path = str(tmp_path / "s.sock")
+    sockets(path)
+    keep = str(tmp_path / "keep")
+    os.link(path, keep)
     watcher = _heal.Watcher()
     try:
-        watcher.add(str(tmp_path))
+        watcher.add(path)
         if watcher.fd is None:
             pytest.skip("inotify is not available here")
         open(str(tmp_path / "f"), "w").close()
-        assert select.select([watcher.fd], [], [], 0)[0] == []  # creating: no wakeup
         os.unlink(str(tmp_path / "f"))
+        assert select.select([watcher.fd], [], [], 0.2)[0] == []  # someone else's name
+        os.unlink(path)
         assert select.select([watcher.fd], [], [], 2)[0] == [watcher.fd]
         watcher.drain()
         assert select.select([watcher.fd], [], [], 0)[0] == []
+        os.link(keep, path)  # restored: the same inode, still watched
+        watcher.drain()
+        os.rename(path, str(tmp_path / "moved"))
+        assert select.select([watcher.fd], [], [], 2)[0] == [watcher.fd]
     finally:
         watcher.close()
     assert watcher.fd is None
 
 
-def test_sleep_wakes_on_a_removal_and_checks(ticking, tmp_path, monkeypatch):
+def in_forked_child(check):
+    """Run ``check()`` in a forked child (as gunicorn forks a worker: no exec, then our
+    worker's init); return what it answered."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            getattr(_patch, "forked", lambda: None)()  # (absent before the fix)
+            os.write(write, b"1" if check() else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        return os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+def test_workers_do_not_inherit_the_watcher(tmp_path, sockets):
+    """Issue 18 c: the arbiter's inotify fd was inherited by every worker (<= 23)."""
+    path = str(tmp_path / "s.sock")
+    sockets(path)
     watcher = _heal.Watcher()
-    watcher.add(str(tmp_path))
+    watcher.add(path)
+    if watcher.fd is None:
+        pytest.skip("inotify is not available here")
+    fd = watcher.fd
+
+    def closed():
+        try:
+            os.fstat(fd)
+        except OSError:
+            return True
+        return False
+    try:
+        assert in_forked_child(closed)
+        assert not closed() and watcher.fd == fd  # the arbiter keeps its own
+    finally:
+        watcher.close()
+
+
+def test_sleep_wakes_on_a_removal_and_checks(ticking, tmp_path, monkeypatch, sockets):
+    path = str(tmp_path / "s.sock")
+    sockets(path)
+    os.link(path, str(tmp_path / "keep"))
+    watcher = _heal.Watcher()
+    watcher.add(path)
     if watcher.fd is None:
         pytest.skip("inotify is not available here")
     monkeypatch.setattr(guard, "_watcher", watcher)
     monkeypatch.setattr(_heal, "INTERVAL", 0.9)  # without the wakeup: one check at 0.9 s
     arbiter = FakeArbiter()
     try:
-        open(str(tmp_path / "f"), "w").close()
-        os.unlink(str(tmp_path / "f"))
+        os.unlink(path)
         started = time.monotonic()
         guard._sleep(lambda self: None, arbiter)
         assert ticking and ticking[0] - started < 0.9  # at once, not a slice later

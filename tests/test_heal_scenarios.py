@@ -260,7 +260,7 @@ def test_sigkill_of_the_arbiter_is_cleaned_by_the_next_start(gunicorn_server):
     again = Gunicorn(server.directory, "safe")
     try:
         again.start()
-        assert len(backups(again)) == 1 and not set(stale) & set(backups(again))
+        assert len(backups(again)) == 1 and not set(stale) & set(backups(again)), again.log()
         assert stop(again) == 0
     finally:
         again.stop()

@@ -5,6 +5,7 @@ the guard's own wrappers are checked at the end for what the registry promises i
 callers (every argument passes through).
 """
 import functools
+import logging
 import types
 from unittest import mock
 
@@ -314,3 +315,179 @@ def test_in_effect_for_a_staticmethod(klass):
     _, impl = _calls()
     _patch.wrap(klass, "static", impl, key=KEY)
     assert _patch.in_effect(klass, "static", KEY)
+
+
+# -- fault containment (design invariant 10) ------------------------------------------------
+
+class Halt(BaseException):
+    """Like gunicorn's HaltServer: a BaseException the original raises on purpose."""
+
+
+@pytest.fixture
+def contained(monkeypatch, caplog):
+    """A clean per-process fault state, and the ERROR records of ``gunicorn.error``."""
+    monkeypatch.setattr(_patch, "_process", [None])
+    monkeypatch.setattr(_patch, "_on_disable", {})
+    monkeypatch.delenv(_patch.ENV_TEST_FAULT, raising=False)
+    monkeypatch.delenv(_patch.ENV_TEST_UNCONTAINED, raising=False)
+    caplog.set_level(logging.ERROR, logger="gunicorn.error")
+    return lambda: [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _broken(when):
+    calls = []
+
+    def impl(original, *args, **kwargs):
+        calls.append(args)
+        if when == "after":
+            original(*args, **kwargs)
+        raise ValueError("a bug of ours")
+    return calls, impl
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_fault_turns_the_feature_off_and_gunicorn_goes_on(module, klass, contained, when):
+    originals = []
+    module.close_sockets = lambda listeners, unlink=True: originals.append(1) or "stock"
+    calls, impl = _broken(when)
+    assert _patch.wrap(module, "close_sockets", impl, KEY, feature="demo")
+    # A second layer of the same feature, elsewhere: off with the first.
+    other_calls, other = _calls()
+    assert _patch.wrap(klass, "run", other, KEY, feature="demo")
+    assert module.close_sockets([]) == "stock"  # gunicorn's own result
+    assert originals == [1]  # called once: by the impl, or (before) in its place
+    errors = contained()
+    assert len(errors) == 1 and "demo failed and is off" in errors[0].getMessage()
+    assert isinstance(errors[0].exc_info[1], ValueError)  # with the traceback
+    assert _patch.feature_disabled("demo") and not _patch.feature_disabled("other")
+    assert module.close_sockets([]) == "stock" and len(calls) == 1  # a pass-through now
+    assert klass().run(1) == ("run", (1,), {}) and other_calls == []
+    assert not _patch.in_effect(module, "close_sockets", KEY)
+    assert len(contained()) == 1
+    _patch.unwrap(klass, "run", KEY)
+
+
+@pytest.mark.parametrize("raised", [StopIteration(), KeyError("gunicorn's"), Halt(),
+                                    SystemExit(0), KeyboardInterrupt()])
+def test_what_gunicorn_raises_passes_unchanged(module, contained, raised):
+    def close_sockets(listeners, unlink=True):
+        raise raised
+    module.close_sockets = close_sockets
+    _, impl = _calls()
+    assert _patch.wrap(module, "close_sockets", impl, KEY, feature="demo")
+    with pytest.raises(type(raised)) as info:
+        module.close_sockets([])
+    assert info.value is raised
+    assert not _patch.feature_disabled("demo") and contained() == []
+
+
+def test_gunicorns_exception_passes_through_every_layer(module, contained):
+    def close_sockets(listeners, unlink=True):
+        raise Halt()
+    module.close_sockets = close_sockets
+    for key, feature in (("inner", "a"), ("outer", "b")):
+        assert _patch.wrap(module, "close_sockets", _calls()[1], key, feature=feature)
+    try:
+        with pytest.raises(Halt):
+            module.close_sockets([])
+        assert not _patch.feature_disabled("a") and not _patch.feature_disabled("b")
+    finally:
+        for key in ("outer", "inner"):
+            _patch.unwrap(module, "close_sockets", key)
+
+
+def test_an_inner_fault_is_contained_where_it_happened(module, contained):
+    _, broken = _broken("before")
+    outer_calls, outer = _calls()
+    assert _patch.wrap(module, "close_sockets", broken, "inner", feature="a")
+    assert _patch.wrap(module, "close_sockets", outer, "outer", feature="b")
+    try:
+        assert module.close_sockets([1]) == ("ours", ("closed", [1], True))
+        assert _patch.feature_disabled("a") and not _patch.feature_disabled("b")
+    finally:
+        for key in ("outer", "inner"):
+            _patch.unwrap(module, "close_sockets", key)
+
+
+def test_our_own_base_exceptions_pass(module, contained):
+    def impl(original, listeners, unlink=True):
+        raise SystemExit(1)  # a refused bind: one line, exit 1, on purpose
+    assert _patch.wrap(module, "close_sockets", impl, KEY, feature="demo")
+    with pytest.raises(SystemExit):
+        module.close_sockets([])
+    assert not _patch.feature_disabled("demo")
+
+
+def test_an_uncontained_layer_propagates(module, contained):
+    _, impl = _broken("before")
+    assert _patch.wrap(module, "close_sockets", impl, KEY, feature=None)
+    with pytest.raises(ValueError):
+        module.close_sockets([])
+    assert contained() == []
+
+
+def test_the_feature_defaults_to_the_keys():
+    assert _patch._FEATURES["safe_gthread.schedule"] == "scheduler"
+    assert _patch._FEATURES["safe_gthread.reuseport"] == "reuse_port"
+
+
+def test_contain_reports_and_cleans_up_once(contained):
+    cleaned = []
+    _patch.on_disable("demo", lambda: cleaned.append(1))
+    _patch.on_disable("demo", cleaned.append)  # another callback: both run
+    for _ in range(2):
+        with _patch.contain("demo"):
+            raise OSError("a bug of ours")
+    assert len(contained()) == 1 and cleaned == [1]
+    with pytest.raises(KeyboardInterrupt):
+        with _patch.contain("other"):
+            raise KeyboardInterrupt()
+    assert not _patch.feature_disabled("other")
+
+
+def test_a_failing_cleanup_is_only_a_warning(contained, caplog):
+    _patch.on_disable("demo", lambda: 1 / 0)
+    caplog.set_level(logging.WARNING, logger="gunicorn.error")
+    with _patch.contain("demo"):
+        raise OSError("a bug of ours")
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING]
+
+
+def test_the_state_is_per_process(contained):
+    from test_heal import in_forked_child
+    with _patch.contain("demo"):
+        raise OSError("in the arbiter")
+
+    def in_a_worker():  # forked after the fault: its features are its own
+        fresh = not _patch.feature_disabled("demo")
+        with _patch.contain("worker-only"):
+            raise OSError("in the worker")
+        return fresh and _patch.feature_disabled("worker-only")
+    assert in_forked_child(in_a_worker)
+    assert _patch.feature_disabled("demo") and not _patch.feature_disabled("worker-only")
+
+
+def test_the_test_fault_hook(module, contained, monkeypatch):
+    monkeypatch.setenv(_patch.ENV_TEST_FAULT, "demo:2")
+    calls, impl = _calls()
+    assert _patch.wrap(module, "close_sockets", impl, KEY, feature="demo")
+    assert module.close_sockets([])[0] == "ours"
+    assert module.close_sockets([]) == ("closed", [], True)  # the 2nd: raised, contained
+    assert len(calls) == 1 and len(contained()) == 1
+    assert "test fault" in str(contained()[0].exc_info[1])
+
+
+def test_the_uncontained_switch_lets_the_fault_through(module, contained, monkeypatch):
+    monkeypatch.setenv(_patch.ENV_TEST_FAULT, "demo")
+    monkeypatch.setenv(_patch.ENV_TEST_UNCONTAINED, "1")
+    assert _patch.wrap(module, "close_sockets", _calls()[1], KEY, feature="demo")
+    with pytest.raises(RuntimeError):
+        module.close_sockets([])
+
+
+def test_healing_stays_off_after_its_fault(contained):
+    from safe_gthread import _heal
+    assert _heal.enabled({})
+    with _patch.contain("heal"):
+        raise OSError("a bug of ours")
+    assert not _heal.enabled({})  # no new backup link, no check, until a restart

@@ -267,8 +267,15 @@ def test_retiring_response_keeps_the_connection_only_for_a_buffered_request(work
 
 
 @pytest.mark.skipif(GENERATION is None, reason="an unrecognised gthread loop keeps its own path")
-def test_retiring_without_keepalive_closes_at_once(worker, pair):
-    worker.cfg.set("keepalive", 0)
+@pytest.mark.parametrize("limit", ["keepalive off", "keepalive cap"])
+def test_retiring_without_keepalive_closes_at_once(worker, pair, limit):
+    """Also at gunicorn's cap on kept-alive connections (``worker_connections`` -
+    ``threads``), which closes through the same ``force_close()`` (issue 18 j: a
+    retiring worker overrode it for a buffered request)."""
+    if limit == "keepalive off":
+        worker.cfg.set("keepalive", 0)
+    else:
+        worker.max_keepalived = 0
     server, client = pair
     client.sendall(GET % b"1" + GET % b"2")
     conn = make_conn(server)

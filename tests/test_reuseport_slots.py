@@ -257,6 +257,19 @@ def test_ttou_closes_the_extra_listener_once_its_worker_is_gone(arbiter):
 
 
 @needs_binding_workers
+def test_other_children_of_the_arbiter_hold_no_slot(arbiter):
+    """Issue 18 e: gunicorn 27's dirty arbiter is a plain fork of the arbiter; holding
+    the slots' listeners, it kept a closed slot in the reuseport group with nobody
+    accepting on it."""
+    from test_heal import in_forked_child
+    arbiter.spawn_worker()
+    arbiter.spawn_worker()
+    slots = set(i for slot in _slot_inodes() for i in slot)
+    assert in_forked_child(lambda: not slots & set(_inode(fd) for fd in _socket_fds()))
+    assert set(i for slot in _slot_inodes() for i in slot) == slots  # the arbiter's stay
+
+
+@needs_binding_workers
 def test_the_arbiters_copies_are_not_inherited_across_exec(arbiter):
     arbiter.spawn_worker()
     for fd in _reuseport._state["slots"][0].fds():

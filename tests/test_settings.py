@@ -148,3 +148,55 @@ def test_hup_runs_configure_again(tmp_path):
         assert server.serves()
     finally:
         server.stop()
+
+
+def test_a_hup_whose_config_no_longer_configures_goes_back_to_the_defaults(tmp_path):
+    """Issue 18 j: the settings a configure() call made stayed in force after a HUP whose
+    config file no longer calls it."""
+    server = _server(tmp_path, ["import safe_gthread",
+                                "safe_gthread.configure(max_retiring=3, heal=False)"]).start()
+    try:
+        assert "heal=off, max_retiring=3" in server.errorlog(), server.log()
+        with open(server.config_path) as fh:
+            kept = [line for line in fh if not line.startswith(("import safe_gthread",
+                                                             "safe_gthread.configure"))]
+        with open(server.config_path, "w") as fh:
+            fh.writelines(kept)
+        before = server.errorlog().count("safe-gthread settings:")
+        server.reload()
+        server.wait_for(lambda: server.errorlog().count("safe-gthread settings:") > before,
+                        20, "the settings line after HUP")
+        last = server.errorlog().split("safe-gthread settings:")[-1].splitlines()[0]
+        default = _settings.REGISTRY["max_retiring"][0]
+        assert "heal=on, max_retiring=%d," % default in last, server.log()
+        assert server.serves()
+    finally:
+        server.stop()
+
+
+_SETUP_PROBE = """
+import logging
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+log = logging.getLogger("gunicorn.error")
+log.addHandler(Keep())
+log.setLevel(logging.INFO)
+from safe_gthread import _boot, guard
+done = [_boot.setup_once(log) for _ in range(3)]  # boot, then two more accesses
+guard._reload(lambda arbiter: None, None)  # a HUP: the new configuration's turn
+done += [_boot.setup_once(log) for _ in range(2)]
+print(done, sum("safe-gthread settings:" in line for line in lines))
+"""
+
+
+def test_setup_runs_once_per_configuration_load():
+    """Issue 18 h: gunicorn calls the worker class's setup() on every cfg.worker_class
+    access; each one logged the settings line again (and, from the control socket's
+    thread, took the installers' locks)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _SETUP_PROBE], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, timeout=60).stdout.decode()
+    assert out.strip().splitlines()[-1] == "[True, False, False, True, False] 2", out

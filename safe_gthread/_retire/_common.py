@@ -5,7 +5,7 @@ import socket
 import time
 from functools import partial
 
-from .. import _compat
+from .. import _compat, _patch
 
 #: How long a retiring worker keeps an idle kept-alive or parked connection open for
 #: a request the client may already be sending (gunicorn 27.0.1's STOP_KEEPALIVE_LINGER).
@@ -81,6 +81,10 @@ class AnswerPipelinedWhileRetiring(object):
     alive = _WatchAlive()
     _app_before_retiring = None
 
+    def init_process(self):
+        _patch.forked()  # Python 3.6: close what the arbiter holds (its inotify fd)
+        return super(AnswerPipelinedWhileRetiring, self).init_process()
+
     def _stop_keeping_alive(self):
         """Wrap the app (once): called when ``alive`` turns False, and by a loop that
         ends for another reason (its parent gone)."""
@@ -91,10 +95,21 @@ class AnswerPipelinedWhileRetiring(object):
         self.wsgi = partial(_app_while_retiring, self, app)
 
 
+def _over_keepalive_cap(worker):
+    """gunicorn's own cap on kept-alive connections (``max_keepalived``), which its
+    ``handle_request`` enforces with the same ``force_close()`` a retirement sets: a
+    response must close there whatever is buffered behind it."""
+    kept = getattr(worker, "keepalived_conns", None)  # 24.0 and later
+    kept = getattr(worker, "_keep", ()) if kept is None else kept
+    cap = getattr(worker, "max_keepalived", None)
+    return cap is not None and len(kept) >= cap
+
+
 def _app_while_retiring(worker, app, environ, start_response):
     resp = getattr(start_response, "__self__", None)
     if _compat.HTTP1_RESPONSE is not None and type(resp) is _compat.HTTP1_RESPONSE:
         req = resp.req
-        resp.must_close = not (worker.cfg.keepalive and _compat.request_buffered(
-            getattr(req, "unreader", None), req))
+        resp.must_close = not (worker.cfg.keepalive and not _over_keepalive_cap(worker)
+                               and _compat.request_buffered(getattr(req, "unreader", None),
+                                                            req))
     return app(environ, start_response)
