@@ -43,7 +43,7 @@ def setup_once(log):
             log.info("safe-gthread %s on gunicorn %s (Python %s): %s.", __version__,
                      _compat.GUNICORN_VERSION, _compat.PYTHON_VERSION,
                      "; ".join(_compat.protections()))
-        log.info("safe-gthread settings: %s; retirements wait for a ready successor: %s.",
+        log.info("safe-gthread settings: %s; successors boot ahead of retirements: %s.",
                  settings.describe(), "yes" if _schedule.installed() else "no")
         _done[0] = key
         return True

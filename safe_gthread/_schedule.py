@@ -453,7 +453,9 @@ def uninstall():
 
 
 def installed():
-    return bool(_state)
+    """True while the scheduler runs here: not after a fault turned it off (workers then
+    retire the stock way)."""
+    return bool(_state) and not _patch.feature_disabled("scheduler")
 
 
 # -- for other parts of safe-gthread (arbiter side) -------------------------------------

@@ -15,10 +15,8 @@ except ImportError:  # not on every platform
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import _compat, _retire, _reuseport, _schedule, _settings, guard
-from ._version import __version__
+from . import _boot, _compat, _patch, _retire, _schedule, _settings
 
-_announced = []
 
 #: The retirement this gunicorn's gthread loop needs, chosen once (``_retire``).
 _Retirement = _retire.for_generation()
@@ -140,24 +138,7 @@ class Worker(_Retirement, ThreadWorker):
         parent = getattr(super(Worker, cls), "setup", None)
         if parent is not None:
             parent()
-        log = logging.getLogger("gunicorn.error")
-        try:
-            settings = _settings.current()
-        except _settings.SettingsError as exc:
-            _settings.fail(str(exc), log)
-        guard.install(log)
-        _schedule.install()
-        _reuseport.install()
-        if _compat.GTHREAD_GENERATION is None:
-            _compat.warn_unrecognised("safe_gthread.Worker's retirement",
-                                      ["gthread.ThreadWorker's stop path"], log)
-        if not _announced:
-            _announced.append(True)
-            log.info("safe-gthread %s on gunicorn %s (Python %s): %s.", __version__,
-                     _compat.GUNICORN_VERSION, _compat.PYTHON_VERSION,
-                     "; ".join(_compat.protections()))
-        log.info("safe-gthread settings: %s; successors boot ahead of retirements: %s.",
-                 settings.describe(), "yes" if _schedule.installed() else "no")
+        _boot.setup_once(logging.getLogger("gunicorn.error"))
 
     def __init__(self, *args, **kwargs):
         # In the arbiter, before fork. gunicorn has drawn max_requests + jitter, and its
@@ -176,6 +157,7 @@ class Worker(_Retirement, ThreadWorker):
 
     # -- after fork ------------------------------------------------------------------
     def init_process(self):
+        _patch.forked()  # Python 3.6: close what the arbiter holds (its inotify fd)
         _schedule.close_siblings(self.tmp)
         # The rest of the per-process state starts from the class defaults and the lock
         # made in __init__: nothing sets it in the arbiter before the fork.

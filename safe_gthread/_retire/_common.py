@@ -5,7 +5,7 @@ import socket
 import time
 from functools import partial
 
-from .. import _compat, _patch
+from .. import _compat
 
 #: How long a retiring worker keeps an idle kept-alive or parked connection open for
 #: a request the client may already be sending (gunicorn 27.0.1's STOP_KEEPALIVE_LINGER).
@@ -80,10 +80,6 @@ class AnswerPipelinedWhileRetiring(object):
 
     alive = _WatchAlive()
     _app_before_retiring = None
-
-    def init_process(self):
-        _patch.forked()  # Python 3.6: close what the arbiter holds (its inotify fd)
-        return super(AnswerPipelinedWhileRetiring, self).init_process()
 
     def _stop_keeping_alive(self):
         """Wrap the app (once): called when ``alive`` turns False, and by a loop that
