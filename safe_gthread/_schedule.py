@@ -512,14 +512,51 @@ def close_siblings(own_tmp):
                 pass
 
 
+class _ConfigFailed(Exception):
+    pass
+
+
 def _reload(original, self, *args, **kwargs):
+    """HUP. A configuration file that fails to load makes stock gunicorn exit (its
+    ``do_load_config`` calls ``sys.exit(1)`` inside the reload, no worker stopped: the
+    site is down, on 19.6.0 - 27.0.1 alike). Here the running configuration and workers
+    stay, with one ERROR; the next HUP tries again."""
     scheduler = _state.get("scheduler")
     if scheduler is None:
         return original(self, *args, **kwargs)
-    scheduler.forget_all(self)
+    app = getattr(self, "app", None)
+    app_reload = getattr(app, "reload", None)
+    environ = dict(os.environ)
+    if callable(app_reload) and "reload" not in getattr(app, "__dict__", {"reload": 1}):
+        def checked_reload(*a, **kw):
+            cfg = getattr(app, "cfg", None)
+            try:
+                app_reload(*a, **kw)
+            except SystemExit as exc:
+                app.cfg = cfg
+                raise _ConfigFailed(exc.code)
+            scheduler.forget_all(self)  # the new configuration loaded: a reload it is
+        app.reload = checked_reload
+    else:
+        app = None
+        scheduler.forget_all(self)
     try:
         return original(self, *args, **kwargs)
+    except _ConfigFailed as exc:
+        os.environ.clear()
+        os.environ.update(environ)
+        metric(self, "safe_gthread.reload_failed", 1, "counter")
+        _log.error("safe-gthread: reload failed: the configuration did not load (exit "
+                   "status %s; its error is on gunicorn's stderr); keeping the running "
+                   "configuration and its %d workers (stock gunicorn exits here)",
+                   exc.args[0], len(_real(self.WORKERS)))
+        return None
     finally:
+        if app is not None:
+            try:
+                del app.reload
+            except AttributeError:
+                pass
         self.WORKERS = _real(self.WORKERS)
         scheduler._deploy("reload_ends")
 

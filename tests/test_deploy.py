@@ -435,3 +435,29 @@ def test_broken_successor_during_churn(gunicorn_server, monkeypatch, tmp_path, w
     assert result.failed == 0, result.as_dict()
     assert "RuntimeError: broken deploy" in log and "Worker failed to boot" not in log
     assert "serves on past max_requests" in log, log
+
+
+@pytest.mark.parametrize("worker", ["stock", "safe"])
+def test_a_config_file_that_fails_to_load_on_hup(gunicorn_server, worker):
+    """Stock gunicorn (19.6.0 - 27.0.1) exits with status 1 inside the reload and leaves
+    its workers orphaned: the site is down (the control). Here the running configuration
+    and workers stay, with one ERROR; the fixed file's HUP then reloads."""
+    server = gunicorn_server(worker, guard=worker == "stock")
+    with open(server.config_path) as fh:
+        good = fh.read()
+    with open(server.config_path, "a") as fh:
+        fh.write("this is not python\n")
+    old = set(server.worker_pids())
+    server.signal(signal.SIGHUP)
+    if worker == "stock":
+        server.wait_for(lambda: not arbiter_alive(server), 30, "stock gunicorn to exit")
+        assert server.proc.returncode != 0
+        return
+    server.wait_for(lambda: "the configuration did not load" in server.errorlog(), 30,
+                    "the ERROR")
+    assert arbiter_alive(server) and server.serves() and set(server.worker_pids()) == old
+    with open(server.config_path, "w") as fh:
+        fh.write(good)
+    server.reload()
+    assert not old.intersection(server.worker_pids()) and server.serves()
+    assert server.errorlog().count("reload failed") == 1
