@@ -25,6 +25,10 @@ Here, in the arbiter (the scheduler, ``safe_gthread._schedule``, calls this obje
   that hangs in its boot), the reload failed: one ERROR, a statsd counter, and the
   previous generation keeps serving (and retiring, with successors retried as above);
   the next HUP tries again.
+* ``reload_batch`` (a setting; 0, the default: all at once) makes a HUP roll: at most
+  that many new workers boot at a time, the next ones forked as those are ready, so a
+  memory-tight host runs at most ``workers + reload_batch`` booted processes (plus the
+  old ones still draining) instead of 2 x ``workers``.
 """
 import logging
 import signal
@@ -44,15 +48,24 @@ def _same(workers, pid, age):
 
 
 class _Reload(object):
-    __slots__ = ("age_before", "reload_age_before", "booting", "ready", "failed", "cause")
+    __slots__ = ("age_before", "reload_age_before", "booting", "ready", "failed", "cause",
+                 "batch", "pending", "spawned", "settled")
 
-    def __init__(self, age_before, reload_age_before):
+    def __init__(self, age_before, reload_age_before, batch=0):
         self.age_before = age_before  # workers of this age or older: the previous generation
         self.reload_age_before = reload_age_before
         self.booting = {}  # pid -> age, hidden from manage_workers until ready
         self.ready = 0
         self.failed = False
         self.cause = None
+        self.batch = batch  # reload_batch: new workers booting at once (0: all)
+        self.pending = 0  # new workers still to fork (a rolling reload)
+        self.spawned = 0
+        self.settled = False
+
+    def full(self):
+        """A rolling reload with a full batch booting: the next spawn waits."""
+        return bool(self.batch) and len(self.booting) >= self.batch
 
 
 class Deploys(object):
@@ -116,9 +129,10 @@ class Deploys(object):
         age = getattr(worker, "age", None)
         if self.reloading is not None:
             self.reloading.booting[pid] = age
+            self.reloading.spawned += 1
             kind = RELOAD
         if getattr(worker, "_safe_guarded_boot", False):
-            self.guarded[pid] = [age, kind, predecessor]
+            self.guarded[pid] = [age, kind, predecessor, self.clock()]
 
     def on_ready(self, arbiter, pid, age):
         if pid in self.doomed:
@@ -137,11 +151,26 @@ class Deploys(object):
         if rec is not None and rec.booting.get(pid) == age:
             del rec.booting[pid]
             rec.ready += 1
-            if not rec.booting and not rec.failed:
-                _log.info("safe-gthread: reload: %d new workers ready; the previous "
-                          "generation retires", rec.ready)
-                if not self.failures:
-                    self._release_holds(arbiter)
+            self._settle(arbiter)
+
+    def _settle(self, arbiter):
+        """Once a HUP's new workers are all ready or gone: say so, and if some of the
+        previous generation stay (the reload failed, or new workers left before they
+        were seen ready), they are ours to retire again, at max_requests as usual."""
+        rec = self.reload
+        if rec is None or rec.settled or rec.booting or rec.pending:
+            return
+        rec.settled = True
+        if rec.failed or rec.ready < rec.spawned:
+            from . import _schedule
+            scheduler = _schedule._state.get("scheduler")
+            if scheduler is not None:
+                scheduler.reload_age = min(scheduler.reload_age, rec.reload_age_before)
+        if not rec.failed:
+            _log.info("safe-gthread: reload: %d new workers ready; the previous "
+                      "generation retires", rec.ready)
+        if not self.failures:
+            self._release_holds(arbiter)
 
     def on_boot_failed(self, arbiter, pid, age, cause):
         """A guarded worker said it cannot load the app (it exits once acked; its
@@ -162,20 +191,31 @@ class Deploys(object):
         for pid, age in list(self.doomed.items()):
             if not _same(workers, pid, age):
                 del self.doomed[pid]
-        for pid, (age, _, _) in list(self.guarded.items()):
-            if not _same(workers, pid, age):
-                self._failed(arbiter, pid, age, None)
+        timeout = getattr(arbiter, "timeout", 0) or 0
+        now = self.clock()
         rec = self.reload
+        for pid, (age, _, _, since) in list(self.guarded.items()):
+            if not _same(workers, pid, age):
+                # Gone before we read READY: it may have booted, served its few
+                # requests and left between two looks (max_requests churn), or died: no
+                # failure is counted without its own word (BOOT_FAILED) or a timeout.
+                del self.guarded[pid]
+                if rec is not None:
+                    rec.booting.pop(pid, None)
+            elif timeout and now - since > timeout:
+                self.doomed[pid] = age  # gunicorn's timeout kills it
+                self._failed(arbiter, pid, age, "no READY within gunicorn's timeout "
+                                                "(%ss)" % timeout)
         if rec is not None:
             for pid, age in list(rec.booting.items()):
                 if not _same(workers, pid, age):
                     del rec.booting[pid]  # unguarded (nothing served at the HUP)
+            self._settle(arbiter)
 
     def _failed(self, arbiter, pid, age, cause):
         entry = self.guarded.pop(pid, None)
         kind, predecessor = (entry[1], entry[2]) if entry else (REPLACEMENT, None)
-        cause = cause or "exited before it was ready (a crash, a signal, or gunicorn's " \
-                         "timeout during its boot)"
+        cause = cause or "exited before it was ready"
         self.boot_failures += 1
         self.failures += 1
         backoff = min(BACKOFF_FIRST * 2 ** (self.failures - 1), BACKOFF_MAX)
@@ -186,6 +226,7 @@ class Deploys(object):
         from . import _schedule  # the metric helper; imported late (it imports us)
         if rec is not None and pid in rec.booting:
             del rec.booting[pid]
+            rec.pending = 0  # a rolling reload stops at its first failure
             if rec.failed:
                 return  # one ERROR per reload
             rec.failed, rec.cause = True, cause
@@ -194,10 +235,7 @@ class Deploys(object):
             _log.error("safe-gthread: reload failed: new workers exited with %s; keeping "
                        "%d workers of the previous generation (the next HUP tries again)",
                        cause, serving)
-            scheduler = _schedule._state.get("scheduler")
-            if scheduler is not None:
-                # The previous generation is ours to retire again (with successors).
-                scheduler.reload_age = min(scheduler.reload_age, rec.reload_age_before)
+            self._settle(arbiter)
         else:
             _schedule.metric(arbiter, "safe_gthread.boot_failures", 1, "counter")
             _log.error("safe-gthread: a new worker (pid %s, %s) cannot boot: %s; %d workers "
@@ -221,7 +259,28 @@ class Deploys(object):
         self.held.clear()
 
     # -- HUP -------------------------------------------------------------------------------
-    def reload_starts(self, arbiter, reload_age_before):
+    def hold_spawn(self):
+        """During gunicorn's reload: skip this spawn (a rolling reload's batch is
+        full; ``roll`` forks it later)?"""
+        rec = self.reloading
+        if rec is None or not rec.full():
+            return False
+        rec.pending += 1
+        return True
+
+    def roll(self, arbiter):
+        """Every manage_workers: fork the next new workers of a rolling reload, as the
+        batch's earlier ones become ready."""
+        rec = self.reload
+        while rec is not None and rec.pending and not rec.failed and not rec.full():
+            rec.pending -= 1
+            self.reloading = rec
+            try:
+                arbiter.spawn_worker()
+            finally:
+                self.reloading = None
+
+    def reload_starts(self, arbiter, reload_age_before, batch=0):
         """Before gunicorn's reload spawns the new generation."""
         previous = self.reload
         if previous is not None:
@@ -239,7 +298,7 @@ class Deploys(object):
         if not self.serving():
             return None  # nothing serves: gunicorn's own reload, as stock
         self.reload = self.reloading = _Reload(getattr(arbiter, "worker_age", 0),
-                                               reload_age_before)
+                                               reload_age_before, batch)
         # The previous generation serves until the new one is ready, past max_requests
         # if need be: a worker at its cap now would leave a slot nobody refills (the
         # new workers are on their way), or nothing serving if the new code is broken.

@@ -318,7 +318,7 @@ class _Scheduler(object):
 
     def forget_all(self, arbiter):
         """HUP: every worker now running is gunicorn's to replace, not ours."""
-        self._deploy("reload_starts", arbiter, self.reload_age)
+        self._deploy("reload_starts", arbiter, self.reload_age, reload_batch())
         self.queue.clear()
         self.handoffs.clear()
         self.booting.clear()
@@ -333,6 +333,13 @@ def max_retiring():
         return _settings.current().max_retiring
     except _settings.SettingsError:
         return _settings.REGISTRY["max_retiring"][0]
+
+
+def reload_batch():
+    try:
+        return _settings.current().reload_batch
+    except (_settings.SettingsError, AttributeError):
+        return 0
 
 
 def metric(arbiter, name, value, mtype):
@@ -450,6 +457,7 @@ def _manage_workers(original, self, *args, **kwargs):
         return original(self, *args, **kwargs)
     scheduler.receive(self, _read(_real(self.WORKERS)))
     scheduler.prune(self)
+    scheduler._deploy("roll", self)
     scheduler.spawn_successors(self, max_retiring())
     hidden = scheduler.discounted()
     workers = self.WORKERS
@@ -480,6 +488,9 @@ def _spawn_worker(original, self, *args, **kwargs):
     # The child closes every sibling's heartbeat file it finds in WORKERS (gunicorn >=
     # 19.9): it must find them all, so the fork runs with the real dict. Before 19.9 the
     # child closes none: it finds them in ``_state["siblings"]`` (``close_siblings``).
+    scheduler = _state.get("scheduler")
+    if scheduler is not None and scheduler._deploy("hold_spawn"):
+        return None  # a rolling reload's batch is full: forked later (``_deploy.roll``)
     view = self.WORKERS
     real = _real(view)
     _state["siblings"] = [getattr(worker, "tmp", None) for worker in list(real.values())]
@@ -491,7 +502,6 @@ def _spawn_worker(original, self, *args, **kwargs):
         self.WORKERS = view
         _state.pop("siblings", None)
     # In the arbiter only (a child never returns here): note a guarded boot.
-    scheduler = _state.get("scheduler")
     if scheduler is not None and scheduler.deploy is not None:
         for new in [p for p in list(real) if p not in before]:
             predecessor = scheduler.spawning_for

@@ -114,13 +114,36 @@ def test_during_the_backoff_an_empty_slot_is_not_refilled():
     arbiter, deploy, clock, _ = make(3)
     pid = arbiter.spawn_worker(guarded=True)
     deploy.spawned(arbiter, pid, arbiter.WORKERS[pid], _deploy.REPLACEMENT)
-    del arbiter.WORKERS[pid]  # died before it was ready (no message: a crash)
+    deploy.on_boot_failed(arbiter, pid, arbiter.WORKERS[pid].age, "ImportError: x")
+    del arbiter.WORKERS[pid]
     deploy.prune(arbiter)
     del arbiter.WORKERS[1003]  # and a serving worker left meanwhile
     deploy.prune(arbiter)
     assert deploy.pad(arbiter, visible=2) == 1  # manage_workers sees 3: no spawn
     clock.now = deploy.retry_at
     assert deploy.pad(arbiter, visible=2) == 0  # the retry
+
+
+def test_a_worker_gone_unseen_is_no_failure_but_one_not_ready_in_time_is(caplog):
+    """Under fast max_requests churn a new worker can boot, serve its few requests and
+    leave between two looks of the arbiter: that is no failed boot. One that is still
+    not ready after gunicorn's timeout is (gunicorn kills it)."""
+    arbiter, deploy, clock, _ = make(2)
+    arbiter.timeout = 30
+    quick = arbiter.spawn_worker(guarded=True)
+    deploy.spawned(arbiter, quick, arbiter.WORKERS[quick], _deploy.SUCCESSOR, 1001)
+    del arbiter.WORKERS[quick]
+    deploy.prune(arbiter)
+    assert not deploy.failing() and not deploy.guarded
+    stuck = arbiter.spawn_worker(guarded=True)
+    deploy.spawned(arbiter, stuck, arbiter.WORKERS[stuck], _deploy.SUCCESSOR, 1001)
+    clock.now += 29
+    deploy.prune(arbiter)
+    assert not deploy.failing()
+    clock.now += 2
+    deploy.prune(arbiter)
+    assert deploy.failing() and stuck in deploy.hidden()
+    assert "no READY within gunicorn's timeout (30s)" in caplog.text
 
 
 def test_the_view_pads_the_count_but_not_what_gunicorn_iterates():
@@ -173,6 +196,50 @@ def test_a_failed_reload_logs_one_error_and_keeps_the_previous_generation(caplog
         deploy.on_ready(arbiter, pid, arbiter.WORKERS[pid].age)
     assert not rec2.failed and not deploy.failing()
     assert sorted(holds[2:]) == [(1001, 0), (1002, 0)]
+
+
+def test_a_rolling_reload_boots_one_batch_at_a_time():
+    arbiter, deploy, _, _ = make(4)
+    rec = deploy.reload_starts(arbiter, 0, batch=1)
+    spawned = []
+    for _ in range(4):  # gunicorn's reload asks for 4 new workers
+        if deploy.hold_spawn():
+            continue
+        pid = arbiter.spawn_worker(guarded=True)
+        deploy.spawned(arbiter, pid, arbiter.WORKERS[pid], _deploy.REPLACEMENT)
+        spawned.append(pid)
+    deploy.reload_ends()
+    assert len(spawned) == 1 and rec.pending == 3
+
+    def spawn_worker():
+        pid = FakeArbiter.spawn_worker(arbiter, guarded=True)
+        deploy.spawned(arbiter, pid, arbiter.WORKERS[pid], _deploy.REPLACEMENT)
+        spawned.append(pid)
+    arbiter.spawn_worker = spawn_worker
+    deploy.roll(arbiter)
+    assert len(spawned) == 1  # the batch is full
+    for n in range(2, 5):
+        deploy.on_ready(arbiter, spawned[-1], arbiter.WORKERS[spawned[-1]].age)
+        deploy.roll(arbiter)
+        assert len(spawned) == n and deploy.hidden() == {spawned[-1]}
+    deploy.on_ready(arbiter, spawned[-1], arbiter.WORKERS[spawned[-1]].age)
+    deploy.roll(arbiter)
+    assert len(spawned) == 4 and not rec.pending and not deploy.hidden()
+
+
+def test_a_rolling_reload_stops_at_its_first_failure():
+    arbiter, deploy, _, _ = make(4)
+    rec = deploy.reload_starts(arbiter, 0, batch=2)
+    for _ in range(4):
+        if not deploy.hold_spawn():
+            pid = arbiter.spawn_worker(guarded=True)
+            deploy.spawned(arbiter, pid, arbiter.WORKERS[pid], _deploy.REPLACEMENT)
+    deploy.reload_ends()
+    first = sorted(rec.booting)[0]
+    deploy.on_boot_failed(arbiter, first, arbiter.WORKERS[first].age, "ImportError: x")
+    assert rec.failed and rec.pending == 0
+    deploy.roll(arbiter)  # nothing more forked: the old generation keeps serving
+    assert len(arbiter.WORKERS) == 6
 
 
 def test_a_hup_during_a_hup_supersedes_the_booting_workers():
@@ -461,3 +528,40 @@ def test_a_config_file_that_fails_to_load_on_hup(gunicorn_server, worker):
     server.reload()
     assert not old.intersection(server.worker_pids()) and server.serves()
     assert server.errorlog().count("reload failed") == 1
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_reload_batch_bounds_the_workers_booting_at_once(gunicorn_server, monkeypatch,
+                                                         tmp_path, batch):
+    """reload_batch = 1: a HUP boots one new worker at a time, and every old one is
+    replaced all the same; the default (0, the control) boots all four at once."""
+    ready_dir = tmp_path / "ready"
+    ready_dir.mkdir()
+    monkeypatch.setenv("SAFE_GTHREAD_APP_READY_DIR", str(ready_dir))
+    monkeypatch.setenv("SAFE_GTHREAD_APP_BOOT_SLEEP", "0.5")
+    monkeypatch.setenv("SAFE_GTHREAD_RELOAD_BATCH", str(batch))
+    server = gunicorn_server("safe", workers=4, threads=2)
+    old = set(server.worker_pids())
+    server.wait_for(lambda: all((ready_dir / str(pid)).exists() for pid in old), 30,
+                    "the first workers to finish booting")
+    most, halt = [0], threading.Event()
+
+    def sample():
+        from safe_gthread.check import procs
+        while not halt.wait(0.02):
+            kids = procs.children(server.proc.pid)
+            booting = [pid for pid in kids if not (ready_dir / str(pid)).exists()]
+            most[0] = max(most[0], len(booting))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        server.reload(timeout=60)
+    finally:
+        halt.set()
+        sampler.join()
+    assert not old.intersection(server.worker_pids()) and len(server.worker_pids()) == 4
+    assert server.serves()
+    if batch:
+        assert most[0] <= batch, server.log()
+    else:
+        assert most[0] >= 3  # all at once (a sample may miss one)
