@@ -408,6 +408,8 @@ def test_hup_with_a_slow_import_under_load(gunicorn_server, monkeypatch, worker)
         load.wait_served(100)
     finally:
         result = load.stop()
+    print("%s: %d requests, %d failed, slowest %.3fs" % (worker, result.requests,
+                                                          result.failed, result.max_latency))
     assert result.failed == 0 or worker == "stock", result.as_dict()
     if worker == "stock":
         assert result.max_latency >= 0.75 * boot, result.as_dict()  # the stall
