@@ -52,7 +52,7 @@ from collections.abc import MutableMapping
 
 from gunicorn import arbiter as gunicorn_arbiter
 
-from . import _patch, _settings
+from . import _deploy, _patch, _settings
 
 KEY = "safe_gthread.schedule"
 
@@ -67,6 +67,17 @@ _MAGIC = b"sg"
 #: the memory limit, or at the request cap with no successor ready: the stock way).
 #: READY is a flag of its own, never a want.
 RETIRE, DUE, LEAVING, READY = 1, 2, 3, 4
+#: BOOT_FAILED: a guarded worker (forked while others serve) cannot load the app; the
+#: cause follows at CAUSE_OFFSET (``_deploy``). It exits once the arbiter has acked.
+BOOT_FAILED = 5
+#: Bytes the *arbiter* writes in a worker's heartbeat file, past the worker's message:
+#: HOLD (1: serve on past max_requests, successors cannot boot; 0: not any more) and ACK
+#: (the BOOT_FAILED message was read).
+HOLD_OFFSET, ACK_OFFSET = 16, 17
+CAUSE_OFFSET, CAUSE_MAX = 32, 400
+_CAUSE_LEN = struct.Struct("=H")
+#: A worker that said BOOT_FAILED waits this long at most for the ack, then exits anyway.
+ACK_WAIT = 2.0
 REASONS = ("", "max_requests", "max_worker_memory", "max_worker_lifetime")
 
 #: A ready successor whose predecessor has not reached its limit yet (it asked early,
@@ -134,6 +145,7 @@ class _Scheduler(object):
         self.fallbacks = 0  # workers that retired the stock way (cap or timeout)
         self.warned_at = None
         self.queued_sent = None  # the last queue length sent to statsd
+        self.deploy = _deploy.Deploys(clock, writer=_write_hold)
 
     # -- messages --------------------------------------------------------------------
     def receive(self, arbiter, messages):
@@ -143,7 +155,12 @@ class _Scheduler(object):
             if not _same(workers, pid, age):
                 continue  # gone, or its pid reused by a newer worker
             if kind == READY:
+                self._deploy("on_ready", arbiter, pid, age)
                 self._successor_ready(arbiter, pid, age, now)
+                continue
+            if kind == BOOT_FAILED:
+                _write_flag(arbiter, pid, ACK_OFFSET, 1)
+                self._deploy("on_boot_failed", arbiter, pid, age, eta)
                 continue
             if kind not in (RETIRE, DUE, LEAVING) or age <= self.reload_age:
                 continue
@@ -163,6 +180,21 @@ class _Scheduler(object):
                 rec.due = True
                 if rec.ready_at is not None:
                     self._term(arbiter, rec)
+
+    def _deploy(self, name, *args):
+        """Call the deploy state; a fault there turns it off (one ERROR with its
+        traceback): gunicorn's own behaviour from then on."""
+        deploy = self.deploy
+        if deploy is None:
+            return None
+        try:
+            return getattr(deploy, name)(*args)
+        except Exception:
+            self.deploy = None
+            _log.error("safe-gthread: deploy protection failed and is off from now on "
+                       "(gunicorn's own behaviour: a worker that cannot boot halts it)",
+                       exc_info=True)
+            return None
 
     def _successor_ready(self, arbiter, pid, age, now):
         # Measured whether or not the old worker is still there (it may have reached its
@@ -216,6 +248,8 @@ class _Scheduler(object):
     def prune(self, arbiter):
         workers = arbiter.WORKERS
         now = self.clock()
+        self._deploy("prune", arbiter)
+        doomed = self.deploy.doomed if self.deploy is not None else {}
         for pid, (age, _) in list(self.booting.items()):
             if not _same(workers, pid, age):
                 del self.booting[pid]
@@ -227,14 +261,13 @@ class _Scheduler(object):
         for pid, rec in list(self.handoffs.items()):
             if not _same(workers, pid, rec.age):
                 del self.handoffs[pid]  # the old worker has left: retirement done
-            elif rec.ready_at is None and not rec.leaving and not _same(
-                    workers, rec.successor, rec.successor_age):
-                # The successor died before it was ready (a crash; a boot error halts
-                # the arbiter, as stock): forget the pairing. The old worker keeps
-                # serving; its request still stands in its heartbeat file, so it queues
-                # again, and it retires itself at its cap or timeout at the latest.
-                _log.warning("safe-gthread: successor %s of worker %s exited before it "
-                             "was ready", rec.successor, pid)
+            elif rec.ready_at is None and not rec.leaving and (
+                    rec.successor in doomed or not _same(workers, rec.successor,
+                                                         rec.successor_age)):
+                # The successor could not boot, or died before it was ready (``_deploy``
+                # logs it and sets the backoff): forget the pairing. The old worker keeps
+                # serving (told to serve past its limit); its request still stands in its
+                # heartbeat file, so it queues again for the next attempt.
                 del self.handoffs[pid]
             elif rec.ready_at is not None and not rec.termed:
                 # Ready before the old worker reached its limit: it serves on until about
@@ -246,7 +279,11 @@ class _Scheduler(object):
 
     def spawn_successors(self, arbiter, max_retiring):
         workers = arbiter.WORKERS
+        deploy = self.deploy
         while self.queue and len(self.handoffs) < max_retiring:
+            if deploy is not None and (deploy.backing_off() or (
+                    deploy.failing() and deploy.booting_guarded())):
+                break  # boots fail: one attempt at a time, after the backoff
             counted = len(workers) - len(self.handoffs)
             if len(workers) >= arbiter.num_workers + max_retiring or counted > arbiter.num_workers:
                 break
@@ -274,10 +311,14 @@ class _Scheduler(object):
             metric(arbiter, "safe_gthread.retirements.queued", len(self.queue), "gauge")
 
     def discounted(self):
-        return frozenset(self.handoffs)
+        hidden = set(self.handoffs)
+        if self.deploy is not None:
+            hidden.update(self._deploy("hidden") or ())
+        return frozenset(hidden)
 
     def forget_all(self, arbiter):
         """HUP: every worker now running is gunicorn's to replace, not ours."""
+        self._deploy("reload_starts", arbiter, self.reload_age, reload_batch())
         self.queue.clear()
         self.handoffs.clear()
         self.booting.clear()
@@ -292,6 +333,13 @@ def max_retiring():
         return _settings.current().max_retiring
     except _settings.SettingsError:
         return _settings.REGISTRY["max_retiring"][0]
+
+
+def reload_batch():
+    try:
+        return _settings.current().reload_batch
+    except (_settings.SettingsError, AttributeError):
+        return 0
 
 
 def metric(arbiter, name, value, mtype):
@@ -309,10 +357,15 @@ class _Discounted(MutableMapping):
     killing) reach the real dict, so a worker reaped meanwhile is really gone.
     """
 
-    def __init__(self, workers, hidden, thread_ident=None):
+    def __init__(self, workers, hidden, thread_ident=None, pad=0):
         self._workers = workers
         self._hidden = frozenset(hidden)
         self._ident = threading.get_ident() if thread_ident is None else thread_ident
+        # Added to the count only (never to iteration): workers booting that gunicorn
+        # must not spawn for (a HUP's, hidden), and empty slots held back during a
+        # backoff (``_deploy``). gunicorn spawns when the count is below num_workers
+        # and kills from the sorted list of what it iterates: padding only holds spawns.
+        self._pad = pad
 
     def _hiding(self):
         return self._hidden and threading.get_ident() == self._ident
@@ -336,9 +389,10 @@ class _Discounted(MutableMapping):
         return iter([pid for pid in pids if pid not in self._hidden])
 
     def __len__(self):
-        if not self._hiding():
+        if self._ident != threading.get_ident():
             return len(self._workers)
-        return len(self._workers) - len(self._hidden.intersection(list(self._workers)))
+        return (len(self._workers) - len(self._hidden.intersection(list(self._workers)))
+                + self._pad)
 
 
 def _read(workers):
@@ -359,7 +413,37 @@ def _read(workers):
             messages.append((READY, 0, pid, age, 0.0))
         if want in (RETIRE, DUE, LEAVING):
             messages.append((want, reason, pid, age, eta / 100.0))
+        elif want == BOOT_FAILED:
+            messages.append((want, 0, pid, age, _read_cause(worker)))  # the cause
     return messages
+
+
+def _read_cause(worker):
+    try:
+        fd = worker.tmp.fileno()
+        size = _CAUSE_LEN.unpack(os.pread(fd, _CAUSE_LEN.size, CAUSE_OFFSET))[0]
+        text = os.pread(fd, min(size, CAUSE_MAX), CAUSE_OFFSET + _CAUSE_LEN.size)
+        return text.decode("utf-8", "replace") or None
+    except (AttributeError, OSError, ValueError, struct.error):
+        return None
+
+
+def _write_flag(arbiter, pid, offset, value):
+    """The arbiter writes one byte in worker ``pid``'s heartbeat file, keeping the
+    file's timestamps (gunicorn >= 22 reads the heartbeat from its mtime)."""
+    worker = _real(arbiter.WORKERS).get(pid)
+    try:
+        fd = worker.tmp.fileno()
+        before = os.fstat(fd)
+        os.pwrite(fd, bytes(bytearray([value])), offset)
+        os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+    except (AttributeError, OSError, TypeError, ValueError, NotImplementedError):
+        return False
+    return True
+
+
+def _write_hold(arbiter, pid, hold):
+    _write_flag(arbiter, pid, HOLD_OFFSET, 1 if hold else 0)
 
 
 def _real(workers):
@@ -373,31 +457,58 @@ def _manage_workers(original, self, *args, **kwargs):
         return original(self, *args, **kwargs)
     scheduler.receive(self, _read(_real(self.WORKERS)))
     scheduler.prune(self)
+    scheduler._deploy("roll", self)
     scheduler.spawn_successors(self, max_retiring())
     hidden = scheduler.discounted()
-    if not hidden:
-        return original(self, *args, **kwargs)
     workers = self.WORKERS
-    self.WORKERS = _Discounted(workers, hidden)
-    try:
+    pad = 0
+    if scheduler.deploy is not None:
+        visible = len(workers) - len(hidden.intersection(list(workers)))
+        pad = scheduler._deploy("pad", self, visible) or 0
+    if not hidden and not pad:
         return original(self, *args, **kwargs)
+    self.WORKERS = _Discounted(workers, hidden, pad=pad)
+    after = workers
+    try:
+        result = original(self, *args, **kwargs)
+        deploy = scheduler.deploy
+        if deploy is not None and deploy.reloading is not None:
+            # Inside a HUP: gunicorn >= 27.0.1 now waits up to graceful_timeout for
+            # every worker of the previous generation to exit. They serve until the new
+            # ones are ready: let it see only the new ones (``_reload`` restores).
+            before = deploy.reloading.age_before
+            after = _Discounted(workers, [pid for pid, worker in list(workers.items())
+                                          if getattr(worker, "age", 0) <= before])
+        return result
     finally:
-        self.WORKERS = workers
+        self.WORKERS = after
 
 
 def _spawn_worker(original, self, *args, **kwargs):
     # The child closes every sibling's heartbeat file it finds in WORKERS (gunicorn >=
     # 19.9): it must find them all, so the fork runs with the real dict. Before 19.9 the
     # child closes none: it finds them in ``_state["siblings"]`` (``close_siblings``).
+    scheduler = _state.get("scheduler")
+    if scheduler is not None and scheduler._deploy("hold_spawn"):
+        return None  # a rolling reload's batch is full: forked later (``_deploy.roll``)
     view = self.WORKERS
     real = _real(view)
     _state["siblings"] = [getattr(worker, "tmp", None) for worker in list(real.values())]
     self.WORKERS = real
+    before = set(real)
     try:
-        return original(self, *args, **kwargs)
+        pid = original(self, *args, **kwargs)
     finally:
         self.WORKERS = view
         _state.pop("siblings", None)
+    # In the arbiter only (a child never returns here): note a guarded boot.
+    if scheduler is not None and scheduler.deploy is not None:
+        for new in [p for p in list(real) if p not in before]:
+            predecessor = scheduler.spawning_for
+            scheduler._deploy("spawned", self, new, real[new],
+                              _deploy.SUCCESSOR if predecessor else _deploy.REPLACEMENT,
+                              predecessor)
+    return pid
 
 
 def close_siblings(own_tmp):
@@ -411,11 +522,53 @@ def close_siblings(own_tmp):
                 pass
 
 
+class _ConfigFailed(Exception):
+    pass
+
+
 def _reload(original, self, *args, **kwargs):
+    """HUP. A configuration file that fails to load makes stock gunicorn exit (its
+    ``do_load_config`` calls ``sys.exit(1)`` inside the reload, no worker stopped: the
+    site is down, on 19.6.0 - 27.0.1 alike). Here the running configuration and workers
+    stay, with one ERROR; the next HUP tries again."""
     scheduler = _state.get("scheduler")
-    if scheduler is not None:
+    if scheduler is None:
+        return original(self, *args, **kwargs)
+    app = getattr(self, "app", None)
+    app_reload = getattr(app, "reload", None)
+    environ = dict(os.environ)
+    if callable(app_reload) and "reload" not in getattr(app, "__dict__", {"reload": 1}):
+        def checked_reload(*a, **kw):
+            cfg = getattr(app, "cfg", None)
+            try:
+                app_reload(*a, **kw)
+            except SystemExit as exc:
+                app.cfg = cfg
+                raise _ConfigFailed(exc.code)
+            scheduler.forget_all(self)  # the new configuration loaded: a reload it is
+        app.reload = checked_reload
+    else:
+        app = None
         scheduler.forget_all(self)
-    return original(self, *args, **kwargs)
+    try:
+        return original(self, *args, **kwargs)
+    except _ConfigFailed as exc:
+        os.environ.clear()
+        os.environ.update(environ)
+        metric(self, "safe_gthread.reload_failed", 1, "counter")
+        _log.error("safe-gthread: reload failed: the configuration did not load (exit "
+                   "status %s; its error is on gunicorn's stderr); keeping the running "
+                   "configuration and its %d workers (stock gunicorn exits here)",
+                   exc.args[0], len(_real(self.WORKERS)))
+        return None
+    finally:
+        if app is not None:
+            try:
+                del app.reload
+            except AttributeError:
+                pass
+        self.WORKERS = _real(self.WORKERS)
+        scheduler._deploy("reload_ends")
 
 
 _PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
@@ -498,6 +651,47 @@ def send(worker, kind, reason="", eta=0.0):
     except (AttributeError, OSError, TypeError, ValueError, struct.error):
         return False  # TypeError: a heartbeat file that is not a file (a test's mock)
     return True
+
+
+def serving():
+    """In the arbiter (``Worker.__init__``, before the fork): True once some worker has
+    served, so a new worker that cannot boot must not halt gunicorn (``_deploy``)."""
+    scheduler = _state.get("scheduler")
+    deploy = scheduler.deploy if scheduler is not None else None
+    return bool(deploy is not None and deploy.guards_boots())
+
+
+def send_boot_failure(worker, cause, wait=ACK_WAIT):
+    """In a guarded worker that cannot load the app: write BOOT_FAILED and the cause,
+    wake the arbiter and wait (at most ``wait`` seconds) until it has read them. False
+    when there is no channel (then the caller fails the stock way)."""
+    data = cause.encode("utf-8", "replace")[:CAUSE_MAX]
+    try:
+        fd = worker.tmp.fileno()
+        os.pwrite(fd, _CAUSE_LEN.pack(len(data)) + data, CAUSE_OFFSET)
+        os.pwrite(fd, b"\0", ACK_OFFSET)
+        os.pwrite(fd, _STATE.pack(_MAGIC, 0, BOOT_FAILED, 0, 0), 0)
+        worker.tmp.notify()
+        os.kill(worker.ppid, signal.SIGCHLD)
+    except (AttributeError, OSError, TypeError, ValueError, struct.error):
+        return False
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if os.pread(fd, 1, ACK_OFFSET) == b"\1":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.01)
+    return True
+
+
+def held(worker):
+    """In a worker: has the arbiter told it to serve on past max_requests?"""
+    try:
+        return os.pread(worker.tmp.fileno(), 1, HOLD_OFFSET) == b"\1"
+    except (AttributeError, OSError, TypeError, ValueError):
+        return False
 
 
 def handoff_estimate():

@@ -100,6 +100,8 @@ REGISTRY = {
     "max_retiring": (2, parse_count),
     # The healing unix socket (issue 11): on unless turned off.
     "heal": (True, parse_bool),
+    # A HUP replaces at most this many workers at a time (0: all at once; issue 19).
+    "reload_batch": (0, lambda name, value: 0 if str(value).strip() in ("0", "") else parse_count(name, value)),
 }
 
 

@@ -7,6 +7,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 
 try:
     import resource  # peak_rss(), on the request path: imported once, here
@@ -89,6 +90,19 @@ def lifetime_for(age, lifetime):
     return lifetime * (1.0 + LIFETIME_SPREAD * (2.0 * random.Random(age).random() - 1.0))
 
 
+def describe_failure(exc):
+    """One line for a failed app load: ``ImportError: no module named x (web.py:3)``."""
+    text = "%s: %s" % (type(exc).__name__, exc)
+    try:
+        frames = traceback.extract_tb(exc.__traceback__)
+    except Exception:
+        frames = []
+    if frames:
+        last = frames[-1]
+        text += " (%s:%s)" % (os.path.basename(last[0]), last[1])
+    return " ".join(text.split())
+
+
 def fmt_mib(nbytes):
     return "n/a" if nbytes is None else "%.1f MiB" % (nbytes / 1048576.0)
 
@@ -132,6 +146,10 @@ class Worker(_Retirement, ThreadWorker):
     _safe_stopped_by = None
     _safe_handoff_wait = DEFAULT_HANDOFF_WAIT
     _safe_memory_limit = 0
+    _safe_guarded_boot = False
+    _safe_hold_look_at = None
+    _safe_held = False
+    _safe_max_requests = None
 
     @classmethod
     def setup(cls):
@@ -150,6 +168,9 @@ class Worker(_Retirement, ThreadWorker):
         # and run() without init_process (tests/test_upstream.py).
         self._safe_lock = threading.Lock()
         self._safe_born = self._safe_created = time.monotonic()
+        # Forked while other workers serve: a failure to load the app must not halt
+        # gunicorn (``_deploy``). At first start nothing serves: gunicorn's own halt.
+        self._safe_guarded_boot = _schedule.serving()
         if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests
@@ -174,6 +195,23 @@ class Worker(_Retirement, ThreadWorker):
         self._safe_handoff_wait = float(timeout)
         return super().init_process()
 
+    def load_wsgi(self):
+        if not self._safe_guarded_boot:
+            return super().load_wsgi()
+        try:
+            return super().load_wsgi()
+        except Exception as exc:
+            cause = describe_failure(exc)
+            # The arbiter logs the one ERROR (once per attempt, or per reload); the
+            # traceback is here.
+            self.log.info("safe-gthread: worker %s cannot load the app (%s); the previous "
+                          "workers keep serving", self.pid, cause, exc_info=True)
+            if not _schedule.send_boot_failure(self, cause):
+                raise  # no channel to the arbiter: the stock way
+        # gunicorn does not halt on 0 (3 and 4 halt it); a SystemExit is how a stock
+        # worker exits too ("Worker exiting", worker_exit run).
+        sys.exit(0)
+
     def run(self):
         # Booted: app loaded, post_worker_init run, about to enter the loop. How long
         # that took (from the arbiter's fork) estimates our own successor's boot, until
@@ -183,6 +221,8 @@ class Worker(_Retirement, ThreadWorker):
             self._safe_handoff_estimate or 0.0,
             self._safe_ready_at - self._safe_created) + LEAD_SLACK
         _schedule.send(self, _schedule.READY)
+        if _schedule.installed():
+            self._safe_hold_look_at = 0.0
         if self._safe_retire_after is not None:
             self.log.debug("safe-gthread: worker %s ready %.2fs after its fork; it asks for "
                            "its successor %.2fs ahead of its limit (%s requests)", self.pid,
@@ -200,9 +240,15 @@ class Worker(_Retirement, ThreadWorker):
     # -- triggers ----------------------------------------------------------------------
     def notify(self):
         super().notify()
-        # Every loop iteration calls notify: integer and clock comparisons only.
+        # Every loop iteration calls notify: integer and clock comparisons only (and,
+        # every LOOK_EVERY, one pread of the arbiter's HOLD byte).
         if not self.alive:
             return  # stopping already (our retirement, HUP, TERM): nothing to ask for
+        if self._safe_hold_look_at is not None:
+            now = time.monotonic()
+            if now >= self._safe_hold_look_at:
+                self._safe_hold_look_at = now + LOOK_EVERY
+                self._look_for_hold(now)
         if self._safe_reason is None:
             if self._safe_retire_after is not None and (
                     self.nr >= self._safe_retire_after
@@ -213,13 +259,37 @@ class Worker(_Retirement, ThreadWorker):
         elif not self._safe_due:
             if self._safe_retire_after is not None and self.nr >= self._safe_retire_after:
                 self._retire(self._safe_reason, due=True)
-        elif (self._safe_fallback_at is not None
+        elif (self._safe_fallback_at is not None and not self._safe_held
               and time.monotonic() >= self._safe_fallback_at):
             self.log.info("safe-gthread: no successor ready %.0fs after worker %s reached "
                           "its limit (%s): retiring without one", self._safe_handoff_wait,
                           self.pid, self._safe_reason)
             self._safe_stopped_by = "fallback"
             self.alive = False
+
+    def _look_for_hold(self, now):
+        """The arbiter says whether new workers cannot boot (HOLD): then availability
+        wins over max_requests, and this worker serves on past its limit (gunicorn's own
+        check reads ``max_requests``) until a successor boots again."""
+        held = _schedule.held(self)
+        if held == self._safe_held:
+            return
+        self._safe_held = held
+        if held:
+            self._safe_max_requests = self.max_requests
+            self.max_requests = sys.maxsize
+            self.log.info("safe-gthread: worker %s serves on past max_requests while new "
+                          "workers cannot boot", self.pid)
+            return
+        limit = self._safe_max_requests
+        if limit is not None and self.nr < limit:
+            self.max_requests = limit
+        elif self._safe_due:
+            # Past its limit: its successor comes from the queue; it waits for it as at
+            # the limit, at most the usual wait.
+            self._safe_fallback_at = now + self._safe_handoff_wait
+        else:
+            self.max_requests = limit if limit is not None else self.max_requests
 
     def _plan_retirement(self):
         """Ask for the successor once the requests left before the limit are about what
@@ -252,6 +322,8 @@ class Worker(_Retirement, ThreadWorker):
             if first:
                 self._safe_reason = reason
                 self._safe_requested_at = time.monotonic()
+                if self._safe_hold_look_at is not None:
+                    self.handle_request = self._handle_request_checked  # near its limit
             newly_due = (due or now_) and not self._safe_due
             if newly_due:
                 self._safe_due = True
@@ -291,13 +363,21 @@ class Worker(_Retirement, ThreadWorker):
                 self._safe_requested_at = time.monotonic()
             _schedule.send(self, _schedule.LEAVING, self._safe_reason)
 
-    def _handle_request_within_memory(self, *args, **kwargs):
-        # With max_worker_memory the limit is also checked before every request (this
-        # method is bound as the worker's handle_request; without the limit gunicorn's
-        # own runs, with nothing added): a sampler thread that wakes late (a CPU-starved
-        # machine, a busy GIL) would let a fast leak run past it (seen in CI: 1.27x the
-        # limit). getrusage's peak is a cheap first test; the current RSS decides (an
-        # import may have peaked above the limit at boot).
+    def _handle_request_checked(self, *args, **kwargs):
+        # Bound as the worker's handle_request only while there is something to check
+        # before a request (gunicorn's own runs otherwise, with nothing added):
+        # - the worker has asked for its successor: the request that would reach its
+        #   limit first looks whether the arbiter has just said HOLD (new workers cannot
+        #   boot, or a HUP's are booting), rather than stop in the 50 ms before the next
+        #   periodic look;
+        # - max_worker_memory is on: the limit is checked before every request, since a
+        #   sampler thread that wakes late (a CPU-starved machine, a busy GIL) would let a
+        #   fast leak run past it (seen in CI: 1.27x the limit). getrusage's peak is a
+        #   cheap first test; the current RSS decides (an import may have peaked above
+        #   the limit at boot).
+        if (self._safe_hold_look_at is not None and not self._safe_held
+                and self.nr + 1 >= self.max_requests):
+            self._look_for_hold(time.monotonic())
         limit = self._safe_memory_limit
         if limit and self.alive and peak_rss() >= PEAK_RSS_SHARE * limit:
             rss = read_rss()
@@ -329,7 +409,7 @@ class Worker(_Retirement, ThreadWorker):
                            fmt_mib(limit), self.pid, fmt_mib(rss))
             return
         self._safe_memory_limit = limit
-        self.handle_request = self._handle_request_within_memory
+        self.handle_request = self._handle_request_checked
         stop = self._safe_sampler = threading.Event()
         thread = threading.Thread(target=self._sample_memory, args=(stop, limit),
                                   name="safe-gthread-rss")

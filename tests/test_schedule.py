@@ -585,9 +585,9 @@ def test_memory_limit_is_checked_before_every_request(worker, monkeypatch):
 
     # Without the limit the worker's handle_request is gunicorn's own: nothing added.
     assert _worker.Worker.handle_request is _worker.ThreadWorker.handle_request
-    assert worker._handle_request_within_memory("req", "conn") == "response"  # limit off
+    assert worker._handle_request_checked("req", "conn") == "response"  # limit off
     worker._safe_memory_limit = 64 << 20
-    worker.handle_request = worker._handle_request_within_memory  # as the sampler binds it
+    worker.handle_request = worker._handle_request_checked  # as the sampler binds it
     assert worker.handle_request("req", "conn") == "response"
     rss["peak"] = 62 << 20  # within the margin, now under the limit
     assert worker.handle_request("req", "conn") == "response"

@@ -36,9 +36,17 @@ def test_bad_sizes(text):
 def test_defaults():
     settings = _settings.build(environ={})
     assert settings.as_dict() == {"max_worker_memory": 0, "max_worker_lifetime": 0.0,
-                                  "max_retiring": 2, "heal": True}
+                                  "max_retiring": 2, "heal": True, "reload_batch": 0}
     assert settings.describe() == ("heal=on, max_retiring=2, max_worker_lifetime=off, "
-                                   "max_worker_memory=off")
+                                   "max_worker_memory=off, reload_batch=0")
+
+
+def test_reload_batch_takes_zero_or_a_count():
+    assert _settings.build({"reload_batch": 0}, environ={}).reload_batch == 0
+    assert _settings.build({"reload_batch": 2}, environ={}).reload_batch == 2
+    assert _settings.build(environ={"SAFE_GTHREAD_RELOAD_BATCH": "1"}).reload_batch == 1
+    with pytest.raises(_settings.SettingsError):
+        _settings.build({"reload_batch": -1}, environ={})
 
 
 def test_environment_then_configure_last_call_wins():

@@ -12,6 +12,8 @@ Environment variables, read at import:
   leak), for the ``max_worker_memory`` tests and benchmarks.
 - ``SAFE_GTHREAD_APP_READY_DIR`` (a directory): once imported, the app creates an empty
   file named after its pid there, so a test can tell a booted worker from a booting one.
+- ``SAFE_GTHREAD_APP_FAIL_IF_EXISTS`` (a path): importing the app raises while that file
+  exists, like broken code on disk; a test breaks and fixes it while the server runs.
 """
 import os
 import time
@@ -24,6 +26,10 @@ _leaked = []
 
 if BOOT_SLEEP:
     time.sleep(BOOT_SLEEP)
+
+_FAIL_IF = os.environ.get("SAFE_GTHREAD_APP_FAIL_IF_EXISTS")
+if _FAIL_IF and os.path.exists(_FAIL_IF):
+    raise RuntimeError("broken deploy: %s exists" % _FAIL_IF)
 
 if os.environ.get("SAFE_GTHREAD_APP_READY_DIR"):
     open(os.path.join(os.environ["SAFE_GTHREAD_APP_READY_DIR"], str(os.getpid())), "w").close()

@@ -24,11 +24,14 @@ class LoadResult(object):
         self.failed = 0
         self.errors = collections.Counter()
         self.seconds = 0.0
+        self.max_latency = 0.0  # seconds, the slowest complete response
         self._lock = threading.Lock()
 
-    def add(self, error=None):
+    def add(self, error=None, latency=None):
         with self._lock:
             self.requests += 1
+            if latency is not None and error is None and latency > self.max_latency:
+                self.max_latency = latency
             if error is not None:
                 self.failed += 1
                 self.errors[error] += 1
@@ -137,6 +140,7 @@ def _client(address, keepalive, method, body, result, should_stop, timeout):
     sock = reader = None
     payload = _build(method, "/", body, keepalive)
     while not should_stop():
+        sent = time.monotonic()  # connecting included: a stalled server queues there too
         try:
             if sock is None:
                 sock = _connect(address, timeout)
@@ -150,7 +154,8 @@ def _client(address, keepalive, method, body, result, should_stop, timeout):
             sock = None
             time.sleep(0.01)  # a dead socket fails fast: do not spin
             continue
-        result.add(None if 200 <= status < 300 else "HTTP %d" % status)
+        result.add(None if 200 <= status < 300 else "HTTP %d" % status,
+                   time.monotonic() - sent)
         if not keepalive or headers.get("connection", "").lower() == "close":
             sock.close()
             sock = None
