@@ -235,9 +235,11 @@ def _server(tmp_path, alteration, **settings):
 
 def _our_warnings(server):
     # gunicorn's own (e.g. "Worker ... was terminated due to signal 15" for a successor
-    # TERMed while it boots) are not ours to count.
+    # TERMed while it boots) are not ours to count, nor the scheduler's note that this
+    # churn (max_requests 5) outpaces the successors' boots.
     return [line for line in server.errorlog().splitlines()
-            if "[WARNING]" in line and "safe-gthread" in line]
+            if "[WARNING]" in line and "safe-gthread" in line
+            and "retirements outpace successor boots" not in line]
 
 
 @pytest.mark.e2e
