@@ -9,7 +9,7 @@ import time
 
 from conftest import require_tool
 
-from safe_gthread.check import load as _load
+from safe_gthread.check import load as _load, procs as _procs
 from safe_gthread.check.proxy import Proxy
 
 #: The original report's 5 workers x 5 threads, keep-alive 2 s; max_requests scaled from 512 so that a
@@ -196,12 +196,26 @@ def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, s
             "http://127.0.0.1:%d/" % proxy.port, stop, max_seconds=max_seconds, script=script)
     finally:
         proxy.stop()
+    tracebacks = server.tracebacks()
     return Outcome("%s worker via %s%s, %s" % (worker, proxy.label, " (POST)" if post else "",
                                                server.app),
                    requests, non2xx, errors, proxy.upstream_failures(), server.restarts(),
-                   server.inode() == inode, server.tracebacks(), took,
-                   detail=output + "\n" + server.log(),
+                   server.inode() == inode, tracebacks, took,
+                   detail=(traceback_blocks(server) if tracebacks else "") + output + "\n"
+                   + server.log(),
                    lifetimes=[int(n) for n in _LIFETIME.findall(server.errorlog())])
+
+
+_TRACEBACK = re.compile(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n|\S.*Error.*\n)*",
+                        re.M)
+
+
+def traceback_blocks(server):
+    """Every traceback in the server's logs, whole, first in a failure's message: a
+    long log's tail may not hold them."""
+    text = "".join(_procs.read_text(os.path.join(server.directory, name))
+                   for name in ("gunicorn.log", "gunicorn.out"))
+    return "--- tracebacks ---\n%s\n" % "\n".join(_TRACEBACK.findall(text))
 
 
 def direct(gunicorn_server, worker, settings):

@@ -195,7 +195,8 @@ def test_check_command_shows_it(migrate_req):
     print(report["verdict"])
     assert report["settings"]["bind"] == "tcp" and report["settings"]["reuse_port"]
     assert report["stock"]["failed_requests"] > 0, report
-    assert report["safe"]["failed_requests"] == 0, report
+    assert report["safe"]["failed_requests"] == 0, (report["verdict"], report["safe"],
+                                                    out.stderr[-3000:])
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
 
 
