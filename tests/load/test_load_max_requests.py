@@ -5,9 +5,9 @@ The original report's load (5 workers x 5 threads, wrk -c200 through h2o) with
 a fast app, and with one that takes half a second to import. Each case runs the stock
 worker (the control) and the safe worker for the same time. The safe worker must lose
 nothing; its workers may serve at most 1.25 x the larger of ``max_requests`` + jitter
-and what the stock workers served (each worker's count, logged by a ``worker_exit``
-hook): the most in one life against stock's most, the mean against stock's mean, and
-requests per restart against stock's; and its goodput must be no worse than stock's
+and what the stock workers were sent (each worker's count, logged by a ``worker_exit``
+hook, plus the requests stock dropped per restart): the most in one life against
+stock's most, the mean against stock's mean, and requests per restart against stock's; and its goodput must be no worse than stock's
 beyond this machine's noise.
 """
 import pytest
@@ -55,10 +55,14 @@ def test_max_requests_is_honoured_without_losing_goodput(gunicorn_server, tmp_pa
     assert safe.failures == 0 and safe.tracebacks == 0, safe
     assert safe.restarts >= 10 and safe.lifetimes, safe
     allowed = settings["max_requests"] + settings["max_requests_jitter"]
+    # What stock's workers were sent: on 19.x - 27.0.0 a stock worker drops the requests
+    # already sent on its kept-alive connections when it stops (they fail), where the safe
+    # worker answers them; those count for stock too, spread over its restarts.
+    dropped = stock.failures / float(stock.restarts)
     for measure, of_stock, of_safe in (
-            ("most in one life", max(stock.lifetimes), max(safe.lifetimes)),
-            ("mean per life", mean(stock.lifetimes), mean(safe.lifetimes)),
-            ("per restart", stock.per_restart, safe.per_restart)):
+            ("most in one life", max(stock.lifetimes) + dropped, max(safe.lifetimes)),
+            ("mean per life", mean(stock.lifetimes) + dropped, mean(safe.lifetimes)),
+            ("per restart", stock.requests / float(stock.restarts), safe.per_restart)):
         limit = BOUND * max(allowed, of_stock)
         assert of_safe <= limit, (measure, of_safe, limit, sorted(safe.lifetimes)[-10:], safe)
     assert safe.ok / safe.seconds >= NOISE * stock.ok / stock.seconds, (stock, safe)
