@@ -30,11 +30,12 @@ threads (gunicorn >= 25's control socket, ``show workers``) always see every wor
 The channel is each worker's heartbeat file (gunicorn's ``WorkerTmp``, opened by the
 arbiter before fork and shared with the worker; the heartbeat itself only changes its
 timestamps): ``os.pwrite`` at offset 0 in the worker, ``os.pread`` in the arbiter. So a
-worker holds no extra fd at all (issue 10: safe workers held more fds than stock ones),
+worker holds no more fds than a stock one,
 and a state belongs to a worker object, never to a pid: a pid reaped and reused is a
 new ``WORKERS`` entry with a new file. The bookkeeping still checks each entry's
-``age`` (gunicorn's spawn counter) against ``WORKERS[pid].age``. HUP, TTIN, TTOU and stops are never turned into handoffs: HUP forgets every
-pending retirement, and the workers it replaces are gunicorn's to stop.
+``age`` (gunicorn's spawn counter) against ``WORKERS[pid].age``. TTIN, TTOU and stops are
+never turned into handoffs; a HUP forgets every pending retirement, and its new workers
+replace the old ones as they get ready (``safe_gthread._deploy``).
 
 gunicorn reaps in its SIGCHLD handler up to 23.x (19.x - 23.x run ``reap_workers`` in the
 handler, which can interrupt ``manage_workers``); from 24.0 the handler only queues the

@@ -98,9 +98,9 @@ REGISTRY = {
     # Two: one boot slot was overrun by a 1 s-import app at ordinary churn, two kept up
     # (docs/settings.md has the measurement).
     "max_retiring": (2, parse_count),
-    # The healing unix socket (issue 11): on unless turned off.
+    # The healing unix socket path (a removed path is linked back): on unless turned off.
     "heal": (True, parse_bool),
-    # A HUP replaces at most this many workers at a time (0: all at once; issue 19).
+    # A HUP replaces at most this many workers at a time (0: all at once; docs/deploying.md).
     "reload_batch": (0, lambda name, value: 0 if str(value).strip() in ("0", "") else parse_count(name, value)),
 }
 

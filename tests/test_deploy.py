@@ -379,6 +379,12 @@ class Load(threading.Thread):
         return self.result
 
 
+def assert_stock_halts(server):
+    """The control: stock gunicorn halts ("Worker failed to boot" / "App failed to load")."""
+    server.wait_for(lambda: not arbiter_alive(server), 30, "stock gunicorn to halt")
+    assert server.proc.returncode != 0
+
+
 def arbiter_alive(server):
     return server.proc.poll() is None
 
@@ -446,10 +452,8 @@ def test_broken_code_and_hup_under_churn(gunicorn_server, monkeypatch, tmp_path,
         breaks()
         server.signal(signal.SIGHUP)
         if worker == "stock":
-            server.wait_for(lambda: not arbiter_alive(server), 30, "stock gunicorn to halt")
-            result = load.stop()
-            assert result.failed > 0
-            assert server.proc.returncode != 0  # halted: "Worker failed to boot"
+            assert_stock_halts(server)
+            assert load.stop().failed > 0
             return
         server.wait_for(lambda: "reload failed" in server.errorlog(), 30, "the ERROR")
         server.wait_for(lambda: len(server.worker_pids()) == 2, 30, "the failed ones to go")
@@ -485,8 +489,7 @@ def test_broken_successor_during_churn(gunicorn_server, monkeypatch, tmp_path, w
         server.wait_for(lambda: server.restarts() >= 2, 30, "max_requests churn")
         breaks()
         if worker == "stock":
-            server.wait_for(lambda: not arbiter_alive(server), 30, "stock gunicorn to halt")
-            assert server.proc.returncode != 0
+            assert_stock_halts(server)
             return
         server.wait_for(lambda: server.errorlog().count("cannot boot") >= 2, 30,
                         "two failed attempts")
