@@ -14,11 +14,14 @@ gives each worker it forks a duplicate of its slot's listeners in place of a fre
 A worker's exit then only closes its copy: the slot's accept queue outlives it, and the
 connections queued there wait for the next worker of the slot instead of being reset.
 
-- The slot for a spawn (:func:`choose_slot`, pure): the slot of the worker it replaces
-  when the scheduler says which that is; else a slot nobody uses (a worker died); else a
-  new one while there are fewer slots than ``workers`` (boot, TTIN); else a slot whose
-  users are all retiring; else the one with the fewest live users (HUP: each new worker
-  shares a slot with one old worker until that one leaves).
+- The slot for a spawn (:func:`choose_slot`, pure) is the one that most needs a worker:
+  a slot nobody uses (a worker died); else a new one while there are fewer slots than
+  ``workers`` (boot, TTIN); else the slot with the fewest workers that stay (live and
+  not retiring), the retiring worker's own slot first on a tie (HUP: each new worker
+  shares a slot with one old worker until that one leaves). Never "the predecessor's
+  slot" alone: when gunicorn's replacement for a worker that left lands in a retiring
+  worker's slot, that slot is covered and another is not; the next successors must go
+  there, or that slot's queue waits with nobody accepting until gunicorn's next spawn.
 - A slot is closed only when it has no live user and there are more slots than
   ``workers`` (TTOU) or it is for an address no longer configured (HUP with a new bind).
   So the group keeps exactly ``workers`` listeners, each with a worker accepting on it.
@@ -97,18 +100,16 @@ def choose_slot(slots, workers, num_workers, address=None, predecessor=None, ret
     """
     eligible = [i for i, slot in enumerate(slots) if address is None or slot.address == address]
     live = dict((i, [pid for pid in slots[i].users if pid in workers]) for i in eligible)
-    if predecessor is not None:
-        for i in eligible:
-            if predecessor in live[i]:
-                return i
     for i in eligible:
         if not live[i]:
             return i
     if len(eligible) < num_workers:
         return None
-    leaving = [i for i in eligible if all(pid in retiring for pid in live[i])]
-    candidates = leaving or eligible
-    return min(candidates, key=lambda i: (len(live[i]), i))
+
+    def need(i):
+        staying = [pid for pid in live[i] if pid not in retiring]
+        return len(staying), predecessor not in live[i], len(live[i]), i
+    return min(eligible, key=need)
 
 
 def slots_to_close(slots, workers, num_workers, address=None):

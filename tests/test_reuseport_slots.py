@@ -87,6 +87,91 @@ def test_dead_pids_do_not_count():
     assert choose(slots, [1, 2, 5], 2) == 0
 
 
+def test_an_empty_slot_before_the_predecessors_own():
+    # Seen under max_requests churn (gunicorn 24.1.1, 5 workers): gunicorn's replacement
+    # for a worker that left went to a retiring worker's slot (0) while the leaver's slot
+    # (4) still showed its exiting, unreaped pid; the next successor of slot 0's worker
+    # must take the slot nobody accepts on, not join the replacement in slot 0.
+    slots = [Slot([56, 62]), Slot([43, 64]), Slot([63]), Slot([66]), Slot([35])]
+    workers = {56, 62, 43, 64, 63, 66}  # 35 reaped
+    assert choose(slots, workers, 5, predecessor=56, retiring={43, 56, 63, 66}) == 4
+
+
+def test_the_slot_without_a_staying_worker_before_the_predecessors_covered_one():
+    # slot 0: the predecessor and a replacement that stays; slot 2: only a retiring worker.
+    slots = [Slot([1, 6]), Slot([2]), Slot([3])]
+    assert choose(slots, [1, 2, 3, 6], 3, predecessor=1, retiring={1, 3}) == 2
+    # with every slot covered as well as the next, the predecessor's slot
+    assert choose(slots, [1, 2, 3, 6], 3, predecessor=1, retiring={1}) == 0
+
+
+def simulate_churn(seed, num_workers=5, steps=400, max_retiring=2):
+    """max_requests churn as the arbiter sees it (``_schedule``), with the slot choice
+    under test. Workers ask to retire and queue; up to ``max_retiring`` at a time get a
+    successor (the predecessor is known). A queued worker may reach its limit first and
+    stop (the stock way); it still gets its successor if one is spawned before it is
+    reaped, else gunicorn replaces it once reaped (no predecessor). A successor may
+    itself retire at once (short lives), and an exited worker stays in ``workers`` until
+    it is reaped, a few turns later. Returns each slot's live users whenever the arbiter
+    is at rest (nothing queued, handed off or exited)."""
+    import random
+    rng = random.Random(seed)
+    slots, workers, queue, handoffs, exited = [], set(), [], {}, {}
+    next_pid = [100]
+
+    def spawn(predecessor=None):
+        retiring = set(queue) | set(handoffs)
+        index = _reuseport.choose_slot(slots, workers, num_workers, A, predecessor, retiring)
+        if index is None:
+            slots.append(Slot([], address=A))
+            index = len(slots) - 1
+        next_pid[0] += 1
+        slots[index].users.append(next_pid[0])
+        workers.add(next_pid[0])
+        return next_pid[0]
+
+    def leave(pid):
+        exited.setdefault(pid, rng.randint(1, 3))
+
+    for _ in range(num_workers):
+        spawn()
+    rest = []
+    for _ in range(steps):
+        event = rng.random()
+        serving = sorted(workers - set(queue) - set(handoffs) - set(exited))
+        if event < 0.35 and serving:
+            queue.append(rng.choice(serving))  # asks to retire
+        elif event < 0.55 and queue:
+            leave(rng.choice(queue))  # at its limit before any successor: stops
+        elif event < 0.8 and handoffs:
+            leave(rng.choice(sorted(handoffs)))  # its successor is ready: TERMed
+        while queue and len(handoffs) < max_retiring:  # spawn_successors
+            pid = queue.pop(0)
+            handoffs[pid] = spawn(predecessor=pid)
+        for pid in sorted(exited):  # the reap, some turns later
+            exited[pid] -= 1
+            if exited[pid] > 0:
+                continue
+            del exited[pid]
+            workers.discard(pid)
+            if pid in queue:
+                queue.remove(pid)
+            handoffs.pop(pid, None)
+            if len(workers) - len(handoffs) < num_workers:
+                spawn()  # gunicorn's manage_workers
+        if not queue and not handoffs and not exited:
+            rest.append([[p for p in slot.users if p in workers] for slot in slots])
+    return rest
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_churn_leaves_no_slot_without_a_worker(seed):
+    quiet = simulate_churn(seed)
+    assert quiet, "the simulation never came to rest"
+    for users in quiet:
+        assert len(users) == 5 and all(len(u) == 1 for u in users), users
+
+
 # -- slots_to_close -----------------------------------------------------------------------
 
 def test_nothing_closes_while_every_slot_has_a_user():
