@@ -193,7 +193,18 @@ class Worker(_Retirement, ThreadWorker):
         self._safe_lifetime_at = None if lifetime is None else self._safe_born + lifetime
         timeout = getattr(self.cfg, "timeout", 0) or DEFAULT_HANDOFF_WAIT
         self._safe_handoff_wait = float(timeout)
-        return super().init_process()
+        if not self._safe_guarded_boot:
+            return super().init_process()
+        # Guarded: whatever fails before the worker has booted (the app's import or load,
+        # post_worker_init, the loop's setup) exits with 0 after telling the arbiter, so
+        # gunicorn does not halt (it halts on 3, WORKER_BOOT_ERROR, and 4). Past the boot,
+        # gunicorn's own handling (exit -1, no halt).
+        try:
+            return super().init_process()
+        except Exception as exc:
+            if self.booted:
+                raise
+            self._boot_failed(exc, "cannot boot")
 
     def load_wsgi(self):
         if not self._safe_guarded_boot:
@@ -201,13 +212,16 @@ class Worker(_Retirement, ThreadWorker):
         try:
             return super().load_wsgi()
         except Exception as exc:
-            cause = describe_failure(exc)
-            # The arbiter logs the one ERROR (once per attempt, or per reload); the
-            # traceback is here.
-            self.log.info("safe-gthread: worker %s cannot load the app (%s); the previous "
-                          "workers keep serving", self.pid, cause, exc_info=True)
-            if not _schedule.send_boot_failure(self, cause):
-                raise  # no channel to the arbiter: the stock way
+            self._boot_failed(exc, "cannot load the app")
+
+    def _boot_failed(self, exc, what):
+        cause = describe_failure(exc)
+        # The arbiter logs the one ERROR (once per attempt, or per reload); the traceback
+        # is here.
+        self.log.info("safe-gthread: worker %s %s (%s); the previous workers keep serving",
+                      self.pid, what, cause, exc_info=True)
+        if not _schedule.send_boot_failure(self, cause):
+            raise exc  # no channel to the arbiter: the stock way
         # gunicorn does not halt on 0 (3 and 4 halt it); a SystemExit is how a stock
         # worker exits too ("Worker exiting", worker_exit run).
         sys.exit(0)

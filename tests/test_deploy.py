@@ -476,13 +476,31 @@ def test_broken_code_and_hup_under_churn(gunicorn_server, monkeypatch, tmp_path,
     assert "RuntimeError: broken deploy" in log
 
 
+#: A post_worker_init hook that fails while the app's break marker exists: a boot that
+#: fails after the app has loaded (gunicorn exits such a worker with 3 and halts too).
+FAILING_HOOK = (
+    "import os",
+    "def post_worker_init(worker):",
+    "    marker = os.environ.get('SAFE_GTHREAD_APP_FAIL_IF_EXISTS')",
+    "    if marker and os.path.exists(marker + '.hook'):",
+    "        raise RuntimeError('broken deploy: post_worker_init')",
+)
+
+
+@pytest.mark.parametrize("where", ["import", "post_worker_init"])
 @pytest.mark.parametrize("worker", ["stock", "safe"])
-def test_broken_successor_during_churn(gunicorn_server, monkeypatch, tmp_path, worker):
-    """No HUP: the code on disk breaks while max_requests churns. Stock halts at the
-    first replacement; here the old workers keep serving (backoff, ERRORs with the
-    cause), then the fix boots the successors again."""
+def test_broken_successor_during_churn(gunicorn_server, monkeypatch, tmp_path, worker, where):
+    """No HUP: the code on disk breaks while max_requests churns (the app's import, or a
+    post_worker_init hook). Stock halts at the first replacement; here the old workers
+    keep serving (backoff, ERRORs with the cause), then the fix boots the successors
+    again."""
     breaks, fixes = break_app(tmp_path, monkeypatch)
-    server = gunicorn_server(worker, guard=stock_guard(worker), **CHURN)
+    if where == "post_worker_init":
+        marker = os.environ["SAFE_GTHREAD_APP_FAIL_IF_EXISTS"] + ".hook"
+        breaks = lambda: open(marker, "w").close()  # noqa: E731
+        fixes = lambda: os.remove(marker)  # noqa: E731
+    server = gunicorn_server(worker, guard=stock_guard(worker), config=FAILING_HOOK,
+                             **CHURN)
     load = Load(server)
     load.start()
     try:
@@ -507,6 +525,8 @@ def test_broken_successor_during_churn(gunicorn_server, monkeypatch, tmp_path, w
     assert result.failed == 0, result.as_dict()
     assert "RuntimeError: broken deploy" in log and "Worker failed to boot" not in log
     assert "serves on past max_requests" in log, log
+    if where == "post_worker_init":
+        assert "cannot boot: RuntimeError: broken deploy: post_worker_init" in log, log
 
 
 @pytest.mark.parametrize("worker", ["stock", "safe"])
