@@ -38,7 +38,8 @@ from safe_gthread.check import load as _load
 from safe_gthread.check.proxy import UPSTREAM_FAILURES, Proxy
 from safe_gthread.check.runner import Gunicorn
 
-LoadResult = _load.LoadResult
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import print_table  # noqa: E402  (benchmarks/run.py, beside this file)
 
 SETTINGS = {"workers": 5, "threads": 5, "keepalive": 2, "graceful_timeout": 10, "timeout": 30}
 TARGETS = {"safe": "safe_gthread.Worker", "stock": "gthread"}
@@ -153,14 +154,8 @@ def one_run(target, args):
                 server.signal(signal.SIGHUP)
                 hup.append(result.requests)
 
-        # run_load makes its result from the module's LoadResult: the timed one here.
-        _load.LoadResult = TimedResult
-        try:
-            result = _load.run_load(proxy.address, seconds=args.seconds,
-                                    concurrency=args.clients, keepalive_share=1.0,
-                                    progress=progress)
-        finally:
-            _load.LoadResult = LoadResult
+        result = _load.run_load(proxy.address, seconds=args.seconds, concurrency=args.clients,
+                                keepalive_share=1.0, progress=progress, result=TimedResult())
         watch.halt.set()
         watch.join()
         log = server.errorlog()
@@ -252,14 +247,11 @@ def main(argv=None):
                           safe_gthread.__version__, args.clients, args.proxy, args.seconds,
                           args.hup_at))
     print("")
-    print("| switch | run | requests | 502s | of them while the path was missing | "
-          "other non-2xx | client errors | the path afterwards |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| %s | %d | %s | %s | %s | %d | %d | %s |" % (
-            label(row["target"]), row["run"], "{:,}".format(row["requests"]),
-            "{:,}".format(row["502"]), "{:,}".format(row["502_path_missing"]),
-            row["other_non2xx"], row["client_errors"], row["path"]))
+    print_table(("switch", "run", "requests", "502s", "of them while the path was missing",
+                 "other non-2xx", "client errors", "the path afterwards"),
+                [(label(row["target"]), row["run"], "{:,}".format(row["requests"]),
+                  "{:,}".format(row["502"]), "{:,}".format(row["502_path_missing"]),
+                  row["other_non2xx"], row["client_errors"], row["path"]) for row in rows])
     ok = all(row["path"] == "same inode" for row in rows if row["target"] == "safe")
     return 0 if ok else 1
 
