@@ -8,25 +8,23 @@ Repeating it logged the settings line once per access and took the installers' l
 from that thread. :func:`setup_once` does the work on the first call after a start or a
 HUP (``guard`` counts reloads) and returns at once, without a lock, afterwards.
 """
-import os
 import threading
 
-from . import _compat, _reuseport, _schedule, _settings, guard
+from . import _compat, _patch, _reuseport, _schedule, _settings, guard
 from ._version import __version__
 
 _lock = threading.Lock()
-_done = [None]  # (pid, guard's reload count) of the last setup
 _announced = []
 
 
 def setup_once(log):
     """``safe_gthread.Worker.setup``'s work; True when this call did it. A bad setting:
     one line and exit 1 (``_settings.fail``)."""
-    key = (os.getpid(), guard.reloads())
-    if _done[0] == key:
+    process = _patch.here()
+    if process.setup_for == process.reloads:
         return False
     with _lock:
-        if _done[0] == key:
+        if process.setup_for == process.reloads:
             return False
         try:
             settings = _settings.current()
@@ -45,5 +43,5 @@ def setup_once(log):
                      "; ".join(_compat.protections()))
         log.info("safe-gthread settings: %s; successors boot ahead of retirements: %s.",
                  settings.describe(), "yes" if _schedule.installed() else "no")
-        _done[0] = key
+        process.setup_for = process.reloads
         return True

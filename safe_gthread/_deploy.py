@@ -34,6 +34,8 @@ import logging
 import signal
 import time
 
+from . import _patch
+
 _log = logging.getLogger("gunicorn.error")
 
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
@@ -162,8 +164,7 @@ class Deploys(object):
             return
         rec.settled = True
         if rec.failed or rec.ready < rec.spawned:
-            from . import _schedule
-            scheduler = _schedule._state.get("scheduler")
+            scheduler = _patch.here().scheduler
             if scheduler is not None:
                 scheduler.reload_age = min(scheduler.reload_age, rec.reload_age_before)
         if not rec.failed:

@@ -107,13 +107,12 @@ class Watcher(object):
     no rate limit is needed. A restored path is the same inode (its watch stays); a
     rebound one is watched anew (``add``).
 
-    The descriptor is closed in every child forked from the arbiter (``_patch``): gunicorn
+    The descriptor is closed in every child forked from the arbiter (``guard``): gunicorn
     forks workers without exec, so close-on-exec would not keep it out of them."""
 
     def __init__(self):
         self.fd = None
         self._libc = None
-        _patch.after_fork_in_child(self.close)
 
     def add(self, path):
         try:

@@ -1,7 +1,7 @@
-"""The one way safe-gthread patches gunicorn: a registry of wrappers.
-
-Every patch of ours (the guard's socket wrappers, the arbiter's scheduler, the healing
-path) goes through :func:`wrap`, the way wrapt and OpenTelemetry's instrumentations do it:
+"""How safe-gthread wraps a gunicorn callable and contains a fault of its own, and the
+per-process state (``Process``). What is wrapped, and in which order the features'
+handlers run, is ``_arbiter``'s table; this module is the mechanism, the way wrapt and
+OpenTelemetry's instrumentations do it:
 
 * patch where callers look the name up (``gunicorn.sock.close_sockets``, not a copy);
 * once: wrapping the same ``(owner, name, key)`` twice does nothing;
@@ -15,20 +15,21 @@ path) goes through :func:`wrap`, the way wrapt and OpenTelemetry's instrumentati
   pass-through, so their patch keeps working.
 
 A target that does not exist on this gunicorn, or whose parameters are no longer the
-ones the wrapper names, is not an error: :func:`wrap` returns False and the caller
-says, once, what it left unpatched.
+ones the wrapper names (:func:`fits`), is not an error: it is left alone, and the
+caller says, once, what it left unpatched.
 
-**No fault of ours stops gunicorn** (design invariant 10). Every layer belongs to a
-*feature* (``guard``, ``heal``, ``scheduler``, ``reuse_port``). If its ``impl`` raises an
+**No fault of ours stops gunicorn** (design invariant 10). Every handler belongs to a
+*feature* (``guard``, ``heal``, ``scheduler``, ``reuse_port``). If it raises an
 ``Exception`` that gunicorn's own ``original`` did not raise, the feature is off in this
-process from then on: one ERROR on ``gunicorn.error`` with the traceback, every layer of
-the feature becomes a pass-through, callbacks given to :func:`on_disable` undo what the
-feature holds, and the call returns what gunicorn's original would (called now if the
-impl had not called it yet). What the original raises (gunicorn's ``HaltServer``,
-``SystemExit`` in a forked worker, ``StopIteration``) passes unchanged and disables
-nothing, as does a ``BaseException`` of ours (a deliberate ``SystemExit(1)``). Code not
-behind a wrapper reports the same way with ``with contain(feature):``. The state is per
-process: a fault in the arbiter leaves its workers' features on, and the reverse.
+process from then on: one ERROR on ``gunicorn.error`` with the traceback, every handler
+of the feature becomes a pass-through, callbacks given to :func:`on_disable` undo what
+the feature holds, and the call returns what gunicorn's original would (called now if
+the handler had not called it yet). What the original raises (gunicorn's
+``HaltServer``, ``SystemExit`` in a forked worker, ``StopIteration``) passes unchanged
+and disables nothing, as does a ``BaseException`` of ours (a deliberate
+``SystemExit(1)``). Code not behind a wrapper reports the same way with
+``with contain(feature):``. The state is per process: a fault in the arbiter leaves its
+workers' features on, and the reverse.
 """
 import contextlib
 import functools
@@ -42,9 +43,6 @@ _lock = threading.RLock()
 _layers = {}
 
 
-#: The feature a key's layers belong to unless ``wrap`` names one.
-_FEATURES = {"safe_gthread.guard": "guard", "safe_gthread.schedule": "scheduler",
-             "safe_gthread.reuseport": "reuse_port"}
 #: feature -> callbacks run once when it is turned off (close what it holds).
 _on_disable = {}
 #: Test-only: ``<feature>[:<n>]`` makes that feature's n-th contained call (default the
@@ -61,16 +59,42 @@ _log = logging.getLogger("gunicorn.error")
 _PID_CHECK = not hasattr(os, "register_at_fork")
 
 
-class _Process(object):
-    """What faults did in one process: made afresh in a forked child."""
+class Process(object):
+    """Everything safe-gthread holds in one process, made on first use there and afresh
+    in every child forked from it (gunicorn forks workers without exec): nothing of the
+    arbiter's lives on in a worker by accident. ``parent`` is the forking process's
+    object as it was at the fork: a worker reads what the arbiter prepared for it there
+    (its reuse_port slot, its siblings' heartbeat files) and nothing else.
 
-    def __init__(self):
+    The attributes are each owned by one module, named beside it."""
+
+    def __init__(self, parent=None):
         self.pid = os.getpid() if _PID_CHECK else None
+        self.parent = parent
+        # _patch: the features a fault turned off here, the test fault hook.
         self.off = set()
         fault = os.environ.get(ENV_TEST_FAULT, "")
         name, _, nth = fault.partition(":")
         self.fault = (name, int(nth or 1)) if name else None
         self.calls = 0
+        # guard: the _heal.Healer of every path this arbiter owns, its inotify
+        # _heal.Watcher, and how many times it reloaded (HUP).
+        self.healers = []
+        self.watcher = None
+        self.reloads = 0
+        # _boot: the reload count of the last setup of the worker class here.
+        self.setup_for = None
+        # _schedule: the arbiter's _Scheduler; in a worker, what it last wrote to its
+        # heartbeat file ([ready, want, reason, eta]); during a spawn, the heartbeat
+        # files of the siblings (the child closes them on gunicorn < 19.9).
+        self.scheduler = None
+        self.message = None
+        self.siblings = None
+        # _reuseport: the arbiter's slots, the one a spawn in progress gives its child,
+        # and whether the boot line was said.
+        self.slots = []
+        self.pending_slot = None
+        self.announced = False
 
 
 _process = [None]
@@ -88,16 +112,20 @@ class Once(object):
             getattr(log, level)(msg, *args)
 
 
-def _here():
+def here():
+    """This process's ``Process``."""
     process = _process[0]
-    if process is None or (_PID_CHECK and process.pid != os.getpid()):
-        process = _process[0] = _Process()
+    if process is None:
+        process = _process[0] = Process()
+    elif _PID_CHECK and process.pid != os.getpid():
+        _run_after_fork()
+        process = _process[0]
     return process
 
 
 def feature_disabled(feature):
     """True once a fault turned ``feature`` off in this process."""
-    return feature in _here().off
+    return feature in here().off
 
 
 def on_disable(feature, callback):
@@ -111,7 +139,7 @@ def on_disable(feature, callback):
 def disable(feature, log=None):
     """Turn ``feature`` off in this process; call it in an ``except`` block: the ERROR
     carries that exception's traceback. Only the first fault of a feature is logged."""
-    process = _here()
+    process = here()
     if feature in process.off:
         return
     process.off.add(feature)
@@ -126,7 +154,7 @@ def disable(feature, log=None):
 
 
 def _inject(feature):
-    process = _here()
+    process = here()
     if process.fault is not None and process.fault[0] == feature:
         process.calls += 1
         if process.calls == process.fault[1]:
@@ -151,10 +179,11 @@ _after_fork = []
 
 
 def _run_after_fork():
-    _process[0] = None
+    parent = _process[0]
+    _process[0] = Process(parent)
     for callback in list(_after_fork):
         try:
-            callback()
+            callback(parent)
         except Exception:  # a fork must go on whatever a cleanup does
             pass
 
@@ -164,16 +193,17 @@ if not _PID_CHECK:
 
 
 def after_fork_in_child(callback):
-    """Call ``callback()`` in every child forked from this process from now on: what
-    the arbiter holds and a worker must not (gunicorn forks without exec, so
-    close-on-exec does not keep it out of workers)."""
+    """Call ``callback(parent)`` in every child forked from this process from now on,
+    ``parent`` the forking process's ``Process`` (or None): close what the arbiter held
+    and a child must not (gunicorn forks without exec, so close-on-exec does not keep
+    it out of workers)."""
     if callback not in _after_fork:
         _after_fork.append(callback)
 
 
 def forked():
     """Python 3.6 has no ``os.register_at_fork``: a worker calls this right after fork."""
-    if _PID_CHECK:
+    if _PID_CHECK and (_process[0] is None or _process[0].pid != os.getpid()):
         _run_after_fork()
 
 
@@ -206,6 +236,14 @@ def _contained(feature, impl, function, args, kwargs):
         return impl(original, *args, **kwargs)
     # A fault: what gunicorn's own would have returned.
     return original.result if original.called else function(*args, **kwargs)
+
+
+def link(feature, impl, function, contained=True):
+    """``function`` with ``impl`` in front of it (``impl(function, *args, **kwargs)``),
+    contained as ``feature`` unless ``contained`` is False: one link of a chain."""
+    if not contained:
+        return lambda *args, **kwargs: impl(function, *args, **kwargs)
+    return lambda *args, **kwargs: _contained(feature, impl, function, args, kwargs)
 
 
 class _Layer(object):
@@ -267,30 +305,36 @@ def _fits(impl, function, method=False):
     return True
 
 
-_KEY_FEATURE = object()
+def _unbound(owner, original):
+    """(the function stored as ``original``, its descriptor type or None, whether it is
+    called as a method): a staticmethod or classmethod is wrapped inside the same kind
+    of descriptor, so it binds as before (neither is callable as stored before 3.10)."""
+    descriptor = type(original) if isinstance(original, (staticmethod, classmethod)) else None
+    function = original.__func__ if descriptor is not None else original
+    return function, descriptor, isinstance(owner, type) and descriptor is not staticmethod
 
 
-def wrap(owner, name, impl, key="safe_gthread", feature=_KEY_FEATURE):
+def fits(owner, name, impl, key="safe_gthread"):
+    """Can ``impl`` stand in front of ``owner.name`` (what it was before our layer
+    ``key``)? False when it does not exist or is not callable (see ``_fits``)."""
+    function, _, method = _unbound(owner, original(owner, name, key))
+    return function is not None and callable(function) and _fits(impl, function, method)
+
+
+def wrap(owner, name, impl, key="safe_gthread", feature=None):
     """Replace ``owner.name`` with a wrapper calling ``impl(original, *args, **kwargs)``.
 
-    ``owner`` is a class or a module. ``feature``: what a fault in ``impl`` turns off
-    (default: the key's, see ``_FEATURES``); None: not contained (a fault propagates,
-    for a layer whose pass-through would do harm). Returns True when this call
-    installed the layer, False when it was already there, ``owner`` has no callable
-    ``name``, or its parameters are not the ones ``impl`` names (see ``_fits``).
+    ``owner`` is a class or a module. ``feature``: what a fault in ``impl`` turns off;
+    None: not contained (a fault propagates). Returns True when this call installed
+    the layer, False when it was already there, ``owner`` has no callable ``name``, or
+    its parameters are not the ones ``impl`` names (see ``_fits``).
     """
-    if feature is _KEY_FEATURE:
-        feature = _FEATURES.get(key, key)
     with _lock:
         ident = (id(owner), name, key)
         if ident in _layers:
             return False
         original, inherited = _raw(owner, name)
-        # A staticmethod or classmethod is wrapped inside the same kind of descriptor,
-        # so it binds as before (neither object is callable as stored before 3.10).
-        descriptor = type(original) if isinstance(original, (staticmethod, classmethod)) else None
-        function = original.__func__ if descriptor is not None else original
-        method = isinstance(owner, type) and descriptor is not staticmethod
+        function, descriptor, method = _unbound(owner, original)
         if function is None or not callable(function) or not _fits(impl, function, method):
             return False
         layer = _Layer(owner, name, key, original, inherited, feature)
@@ -301,7 +345,7 @@ def wrap(owner, name, impl, key="safe_gthread", feature=_KEY_FEATURE):
                 return function(*args, **kwargs)
             if feature is None:
                 return impl(function, *args, **kwargs)
-            if feature in _here().off:
+            if feature in here().off:
                 return function(*args, **kwargs)
             return _contained(feature, impl, function, args, kwargs)
 

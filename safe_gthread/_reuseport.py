@@ -42,16 +42,11 @@ from gunicorn import sock as gunicorn_sock
 
 from . import _compat, _patch, _schedule
 
-PATCH_KEY = "safe_gthread.reuseport"
-
 #: The kernel's own remedy: move the queued connections of a closing listener to another
 #: listener of its reuseport group (Linux 5.14+). Per network namespace.
 MIGRATE_REQ_PATH = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 _lock = threading.RLock()
-# "slots": [_Slot], "pending": the _Slot of the spawn in progress (read in the child),
-# "arbiter": the arbiter's pid, "announced": True once the boot line is written.
-_state = {}
 
 
 class _Slot(object):
@@ -169,7 +164,7 @@ def _new_slot(arbiter):
 
 
 def _prune(arbiter):
-    slots = _state.get("slots")
+    slots = _patch.here().slots
     if not slots:
         return
     workers = arbiter.WORKERS
@@ -181,9 +176,10 @@ def _prune(arbiter):
 
 
 def _announce(arbiter, active):
-    if _state.get("announced"):
+    process = _patch.here()
+    if process.announced:
         return
-    _state["announced"] = True
+    process.announced = True
     log = arbiter.log
     where = ", ".join("%s:%s" % a[:2] for a in _address(arbiter.cfg))
     if active:
@@ -207,13 +203,13 @@ def _spawn_worker(original, arbiter, *args, **kwargs):
     cfg = arbiter.cfg
     if not applies(cfg):
         return original(arbiter, *args, **kwargs)
-    if not _compat.CREATE_SOCKETS_TAKES_FDS or not _patch.in_effect(
-            gunicorn_sock, "create_sockets", PATCH_KEY):
+    from . import _arbiter
+    if not _arbiter.in_effect(gunicorn_sock, "create_sockets", "reuse_port"):
         _announce(arbiter, False)
         return original(arbiter, *args, **kwargs)
+    process = _patch.here()
     with _lock:
-        _state["arbiter"] = os.getpid()
-        slots = _state.setdefault("slots", [])
+        slots = process.slots
         _prune(arbiter)
         predecessor, retiring = _scheduler_hints()
         index = choose_slot(slots, arbiter.WORKERS, arbiter.num_workers, _address(cfg),
@@ -224,12 +220,12 @@ def _spawn_worker(original, arbiter, *args, **kwargs):
         slot = slots[index]
         _announce(arbiter, True)
         before = set(arbiter.WORKERS)
-        _state["pending"] = slot
+        process.pending_slot = slot
     try:
         pid = original(arbiter, *args, **kwargs)
     finally:
         # Only the arbiter gets here: the child leaves spawn_worker with sys.exit.
-        _state.pop("pending", None)
+        process.pending_slot = None
     if not isinstance(pid, int):
         new = [p for p in arbiter.WORKERS if p not in before]
         pid = new[0] if len(new) == 1 else None
@@ -239,89 +235,63 @@ def _spawn_worker(original, arbiter, *args, **kwargs):
 
 
 def _create_sockets(original, conf, log, *args, **kwargs):
-    slot = _state.get("pending")
-    if slot is None or os.getpid() == _state.get("arbiter") or args or kwargs.get("fds"):
+    parent = _patch.here().parent  # in a freshly forked worker: the arbiter at its fork
+    slot = parent.pending_slot if parent is not None else None
+    if slot is None or args or kwargs.get("fds"):
         return original(conf, log, *args, **kwargs)
-    # In a freshly forked worker: its slot's listeners, duplicated (gunicorn wraps and
-    # closes the fd it is given), and none of the other slots' copies.
+    # Its slot's listeners, duplicated (gunicorn wraps and closes the fd it is given),
+    # and none of the other slots' copies.
     fds = [os.dup(fd) for fd in slot.fds()]
-    _drop_slots()
+    _drop_slots(parent)
     kwargs["fds"] = fds
     return original(conf, log, **kwargs)
 
 
 def _manage_workers(original, arbiter, *args, **kwargs):
     # Runs on every turn of the arbiter's loop: close what a TTOU or a new bind left.
-    if _state.get("slots") and os.getpid() == _state.get("arbiter"):
+    if _patch.here().slots:
         with _lock:
             _prune(arbiter)
     return original(arbiter, *args, **kwargs)
 
 
 def install():
-    """In the arbiter: wrap ``Arbiter.spawn_worker``, ``Arbiter.manage_workers`` and
-    ``sock.create_sockets`` (idempotent). Does nothing on a gunicorn whose arbiter binds
-    the listeners itself (< 24)."""
-    if not _compat.REUSE_PORT_BINDS_IN_WORKERS:
-        return False
-    targets = [(gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers),
-               (gunicorn_arbiter.Arbiter, "spawn_worker", _spawn_worker)]
-    if _compat.CREATE_SOCKETS_TAKES_FDS:
-        targets.insert(0, (gunicorn_sock, "create_sockets", _create_sockets))
-    with _lock:
-        if all(_patch.is_wrapped(owner, name, key=PATCH_KEY) for owner, name, _ in targets):
-            return False
-        # A fault turns the slots off: close the arbiter's copies, or a listener nobody
-        # accepts on would keep its share of the group's connections.
-        _patch.on_disable("reuse_port", _close_slots)
-        _patch.after_fork_in_child(_after_fork)
-        if not _compat.CREATE_SOCKETS_TAKES_FDS or not all(
-                _patch.wrap(owner, name, impl, key=PATCH_KEY) for owner, name, impl in targets):
-            # All or nothing: slots without the child's side would leave listeners
-            # nobody accepts on.
-            for owner, name, _ in targets:
-                _patch.unwrap(owner, name, key=PATCH_KEY)
-            _compat.warn_unrecognised("the reuse_port listener slots", [
-                "%s.%s" % (getattr(owner, "__name__", owner), name)
-                for owner, name, _ in targets])
-            return False
-        return True
+    """In the arbiter: keep the slots (idempotent; ``_arbiter``). Does nothing on a
+    gunicorn whose arbiter binds the listeners itself (< 24)."""
+    from . import _arbiter
+    return _compat.REUSE_PORT_BINDS_IN_WORKERS and bool(_arbiter.install(("reuse_port",)))
 
 
 def uninstall():
-    """Remove the wrappers and close the slots (tests)."""
-    with _lock:
-        removed = False
-        for owner, name in ((gunicorn_sock, "create_sockets"),
-                            (gunicorn_arbiter.Arbiter, "manage_workers"),
-                            (gunicorn_arbiter.Arbiter, "spawn_worker")):
-            removed |= _patch.unwrap(owner, name, key=PATCH_KEY)
-        _close_slots()
-        return removed
+    """Stop keeping slots and close them (tests)."""
+    from . import _arbiter
+    removed = _arbiter.uninstall(("reuse_port",))
+    _close_slots()
+    return removed
 
 
 def _close_slots():
     with _lock:
-        _drop_slots()
+        _drop_slots(_patch.here())
 
 
-def _drop_slots():
-    for slot in _state.get("slots", []):
+def _drop_slots(process):
+    for slot in process.slots:
         slot.close()
-    _state.clear()
+    process.slots = []
+    process.pending_slot = None
 
 
-def _after_fork():
+def _after_fork(parent):
     # A child that is not a worker of ours (gunicorn 27's dirty arbiter, a hook's
     # subprocess: plain forks) must not keep the slots' listeners: one that never
     # accepts still gets its share of the group's connections, reset when it exits. A
     # worker's fork leaves them to _create_sockets. No lock: the forking thread may hold
     # it, and the child has no other thread.
-    if _state.get("pending") is None:
-        _drop_slots()
+    if parent is not None and parent.pending_slot is None:
+        _drop_slots(parent)
 
 
 def listener_count():
     """How many slots the arbiter holds (tests, soak)."""
-    return len(_state.get("slots", []))
-
+    return len(_patch.here().slots)

@@ -55,8 +55,6 @@ from gunicorn import arbiter as gunicorn_arbiter
 
 from . import _deploy, _patch, _settings
 
-KEY = "safe_gthread.schedule"
-
 #: What a worker writes at the start of its heartbeat file: a magic, "ready", what it
 #: wants (0 nothing, RETIRE, DUE, LEAVING), why (an index in REASONS), and with RETIRE
 #: in how many hundredths of a second it expects to reach its limit.
@@ -95,8 +93,6 @@ EWMA_WEIGHT = 0.3
 WARN_EVERY = 60.0
 
 _log = logging.getLogger("gunicorn.error")
-_lock = threading.RLock()
-_state = {}  # "scheduler": _Scheduler (arbiter); "mine": [ready, want, reason] (worker)
 
 
 class _Retirement(object):
@@ -470,7 +466,7 @@ def _real(workers):
 
 # -- the patches (arbiter side) -------------------------------------------------------
 def _manage_workers(original, self, *args, **kwargs):
-    scheduler = _state.get("scheduler")
+    scheduler = _patch.here().scheduler
     if scheduler is None or isinstance(self.WORKERS, _Discounted):
         return original(self, *args, **kwargs)
     scheduler.receive(self, _read(_real(self.WORKERS)))
@@ -505,20 +501,21 @@ def _manage_workers(original, self, *args, **kwargs):
 def _spawn_worker(original, self, *args, **kwargs):
     # The child closes every sibling's heartbeat file it finds in WORKERS (gunicorn >=
     # 19.9): it must find them all, so the fork runs with the real dict. Before 19.9 the
-    # child closes none: it finds them in ``_state["siblings"]`` (``close_siblings``).
-    scheduler = _state.get("scheduler")
+    # child closes none: it finds them in its parent's ``siblings`` (``close_siblings``).
+    process = _patch.here()
+    scheduler = process.scheduler
     if scheduler is not None and scheduler._deploy("hold_spawn"):
         return None  # a rolling reload's batch is full: forked later (``_deploy.roll``)
     view = self.WORKERS
     real = _real(view)
-    _state["siblings"] = [getattr(worker, "tmp", None) for worker in list(real.values())]
+    process.siblings = [getattr(worker, "tmp", None) for worker in list(real.values())]
     self.WORKERS = real
     before = set(real)
     try:
         pid = original(self, *args, **kwargs)
     finally:
         self.WORKERS = view
-        _state.pop("siblings", None)
+        process.siblings = None
     # In the arbiter only (a child never returns here): note a guarded boot.
     if scheduler is not None and scheduler.deploy is not None:
         for new in [p for p in list(real) if p not in before]:
@@ -532,7 +529,8 @@ def _spawn_worker(original, self, *args, **kwargs):
 def close_siblings(own_tmp):
     """In a new worker: close the heartbeat files of the siblings it was forked beside
     (gunicorn < 19.9 leaves them open in every worker for its whole life)."""
-    for tmp in _state.pop("siblings", None) or ():
+    parent = _patch.here().parent
+    for tmp in (parent.siblings if parent is not None else None) or ():
         if tmp is not None and tmp is not own_tmp:
             try:
                 tmp.close()
@@ -549,7 +547,7 @@ def _reload(original, self, *args, **kwargs):
     ``do_load_config`` calls ``sys.exit(1)`` inside the reload, no worker stopped: the
     site is down, on 19.6.0 - 27.0.1 alike). Here the running configuration and workers
     stay, with one ERROR; the next HUP tries again."""
-    scheduler = _state.get("scheduler")
+    scheduler = _patch.here().scheduler
     if scheduler is None:
         return original(self, *args, **kwargs)
     app = getattr(self, "app", None)
@@ -589,57 +587,44 @@ def _reload(original, self, *args, **kwargs):
         scheduler._deploy("reload_ends")
 
 
-_PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
-            ("reload", _reload))
-
-
 def install():
-    """In the arbiter: open the message channel and patch the arbiter (idempotent).
-    False when already installed or when the arbiter's shape is not recognised."""
-    Arbiter = gunicorn_arbiter.Arbiter
-    with _lock:
-        if _state:
-            return False
-        missing = [name for name, _ in _PATCHES if not callable(getattr(Arbiter, name, None))]
-        if missing:
-            from . import _compat
-            _compat.warn_unrecognised("safe_gthread's retirement scheduler",
-                                      ["Arbiter.%s" % name for name in missing], _log)
-            return False
-        _state["scheduler"] = _Scheduler()
-        for name, impl in _PATCHES:
-            _patch.wrap(Arbiter, name, impl, key=KEY)
-        return True
+    """In the arbiter: start the scheduler (idempotent). False when already running or
+    when the arbiter's shape is not recognised (``_arbiter``). Also in a process forked
+    after an install (``--daemon`` forks before the arbiter starts): its own scheduler."""
+    from . import _arbiter
+    _arbiter.install(("scheduler",))
+    process = _patch.here()
+    if process.scheduler is not None or not _arbiter.enabled("scheduler"):
+        return False
+    process.scheduler = _Scheduler()
+    return True
 
 
 def uninstall():
-    """Remove our arbiter patches; False if not installed."""
-    with _lock:
-        if not _state:
-            return False
-        for name, _ in _PATCHES:
-            _patch.unwrap(gunicorn_arbiter.Arbiter, name, key=KEY)
-        _state.clear()
-        return True
+    """Stop the scheduler; False if it was not installed."""
+    from . import _arbiter
+    _patch.here().scheduler = None
+    return _arbiter.uninstall(("scheduler",))
 
 
 def installed():
     """True while the scheduler runs here: not after a fault turned it off (workers then
     retire the stock way)."""
-    return bool(_state) and not _patch.feature_disabled("scheduler")
+    from . import _arbiter
+    return _arbiter.enabled("scheduler")
 
 
 # -- for other parts of safe-gthread (arbiter side) -------------------------------------
 def predecessor_of_spawn():
     """In the arbiter, during a ``spawn_worker`` we started: the pid of the worker the
     new one replaces; None otherwise."""
-    scheduler = _state.get("scheduler")
+    scheduler = _patch.here().scheduler
     return scheduler.spawning_for if scheduler is not None else None
 
 
 def retiring_pids():
     """In the arbiter: the pids of workers that asked to retire and have not left yet."""
-    scheduler = _state.get("scheduler")
+    scheduler = _patch.here().scheduler
     return scheduler.retiring() if scheduler is not None else set()
 
 
@@ -649,9 +634,10 @@ def send(worker, kind, reason="", eta=0.0):
     (keep serving; at our limit in about ``eta`` seconds), are DUE (at the limit) or
     LEAVING (stopped accepting). False when that is not possible (no scheduler in this
     arbiter, no heartbeat file, a gone parent): the caller falls back to the stock way."""
-    if "scheduler" not in _state and "mine" not in _state:
+    if not installed():
         return False
-    mine = _state.setdefault("mine", [0, 0, 0, 0])
+    process = _patch.here()
+    mine = process.message = process.message or [0, 0, 0, 0]
     if kind == READY:
         mine[0] = 1
     else:
@@ -674,7 +660,7 @@ def send(worker, kind, reason="", eta=0.0):
 def serving():
     """In the arbiter (``Worker.__init__``, before the fork): True once some worker has
     served, so a new worker that cannot boot must not halt gunicorn (``_deploy``)."""
-    scheduler = _state.get("scheduler")
+    scheduler = _patch.here().scheduler
     deploy = scheduler.deploy if scheduler is not None else None
     return bool(deploy is not None and deploy.guards_boots())
 
@@ -715,7 +701,7 @@ def held(worker):
 def handoff_estimate():
     """In the arbiter: seconds from a worker's request to its successor being ready,
     as measured lately (None before the first handoff, or without a scheduler)."""
-    scheduler = _state.get("scheduler")
+    scheduler = _patch.here().scheduler
     return scheduler.handoff_time if scheduler is not None else None
 
 

@@ -25,6 +25,9 @@ gunicorn loads it), then
   missing or foreign file is left alone and logged at INFO; it is never an error.
 * **re-exec** (USR2): the identity travels to the new master in ``SAFE_GTHREAD_SOCKETS``
   beside gunicorn's ``GUNICORN_FD``, so the new master cleans up at its own stop.
+  It stays beside the kernel's proof (adoption, below): netlink ``unix_diag`` is a
+  kernel option (``CONFIG_UNIX_DIAG``) that some kernels and sandboxes lack, and a
+  USR2 between two safe masters must keep its socket file there too.
 * abstract names (``unix:\\0name``) are bound without ``stat``, ``chown`` or ``unlink``.
 * **heal** (``_heal``): while the arbiter runs, a removed path is linked back to the same
   listening socket from a backup hard link (or, with the backup gone too, a fresh socket
@@ -45,7 +48,6 @@ import select
 import socket
 import stat
 import sys
-import threading
 import time
 
 from gunicorn import arbiter as gunicorn_arbiter
@@ -68,13 +70,9 @@ INHERITED_ATTR = "_safe_gthread_inherited"
 #: Attribute on a listener: adoption was already considered.
 ADOPT_ATTR = "_safe_gthread_adopt_tried"
 
-_lock = threading.Lock()
-_installed = []  # the (namespace, name) pairs this install() wrapped
-_healers = []  # the _heal.Healer of every path this arbiter owns
-_watcher = _heal.Watcher()  # wakes the <= 23 arbiter's sleep when the socket file is removed
 _said = _patch.Once()
-#: The registry key of the guard's layers (see ``_patch``).
-PATCH_KEY = "safe_gthread.guard"
+#: The features of this module (``_arbiter``): the guard's own, and healing.
+FEATURES = ("guard", "heal")
 
 
 class Refused(Exception):
@@ -316,9 +314,12 @@ def _track(listener, name, owner):
     healer = _heal.Healer(listener, name, owner, listener.log)
     healer.start()
     setattr(listener, HEALER_ATTR, healer)
-    _healers.append(healer)
+    process = _patch.here()
+    process.healers.append(healer)
     if _compat.ARBITER_WAIT == "sleep":  # >= 24 waits on a queue, not on descriptors
-        _watcher.add(name)
+        if process.watcher is None:
+            process.watcher = _heal.Watcher()
+        process.watcher.add(name)
     return healer
 
 
@@ -329,17 +330,25 @@ def _release(listener, pid=None):
         return
     healer.release()
     setattr(listener, HEALER_ATTR, None)
-    if healer in _healers:
-        _healers.remove(healer)
+    healers = _patch.here().healers
+    if healer in healers:
+        healers.remove(healer)
 
 
 def _release_all():
-    pid = os.getpid()
-    for healer in list(_healers):
-        if healer.pid == pid:
-            _release(healer.listener, pid)
-    if not _healers:
-        _watcher.close()
+    process = _patch.here()
+    for healer in list(process.healers):
+        _release(healer.listener, healer.pid)
+    if not process.healers and process.watcher is not None:
+        process.watcher.close()
+        process.watcher = None
+
+
+def _after_fork(parent):
+    # gunicorn forks workers without exec: close-on-exec does not keep the arbiter's
+    # inotify descriptor out of them.
+    if parent is not None and parent.watcher is not None:
+        parent.watcher.close()
 
 
 def adoption_decision(bound, st, path):
@@ -410,7 +419,7 @@ def _check_paths(arbiter):
             healer = _track(listener, listener.getsockname(), owner)
         if healer and healer.check() == _heal.REBIND:
             _rebind(arbiter, listener, healer)
-    for healer in list(_healers):  # a reload to another address dropped these
+    for healer in list(_patch.here().healers):  # a reload to another address dropped these
         if healer.pid == pid and not any(healer.listener is l for l in listeners):
             _release(healer.listener, pid)
 
@@ -423,7 +432,7 @@ def _rebind(arbiter, listener, healer):
     path = healer.path
     fresh = gunicorn_sock.UnixSocket.__new__(gunicorn_sock.UnixSocket)
     try:
-        _open(_patch.original(gunicorn_sock.UnixSocket, "__init__", key=PATCH_KEY),
+        _open(_patch.original(gunicorn_sock.UnixSocket, "__init__"),
               fresh, path, arbiter.cfg, arbiter.log)
     except Refused as refused:
         healer.say_once(("rebind", str(refused)), "unix:%s and its backup link were both "
@@ -547,14 +556,16 @@ def _sleep(original, self, *args, **kwargs):
     # (inotify); a readable pipe (a signal, a worker's exit) goes to the
     # original at once, which drains it: no wakeup is ever swallowed or delayed.
     pipe = getattr(self, "PIPE", None)
-    if not _healers or not pipe:
+    process = _patch.here()
+    if not process.healers or not pipe:
         return original(self, *args, **kwargs)
     deadline = time.monotonic() + 1.0
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        watched = [_watcher.fd] if _watcher.fd is not None else []
+        watcher = process.watcher
+        watched = [watcher.fd] if watcher is not None and watcher.fd is not None else []
         try:
             ready = select.select([pipe[0]] + watched, [], [],
                                   min(_heal.INTERVAL, remaining))[0]
@@ -567,14 +578,14 @@ def _sleep(original, self, *args, **kwargs):
         if pipe[0] in ready:
             return original(self, *args, **kwargs)
         if ready:
-            _watcher.drain()
+            watcher.drain()
         _check_paths(self)
 
 
 def _wait_for_signals(original, self, *args, **kwargs):
     # gunicorn >= 24 runs murder_workers and manage_workers (where the check is) after
     # every wait; a shorter wait is the whole change. A signal still returns at once.
-    if _healers:
+    if _patch.here().healers:
         if args and args[0] is not None:
             args = (min(args[0], _heal.INTERVAL),) + tuple(args[1:])
         elif not args:
@@ -584,19 +595,16 @@ def _wait_for_signals(original, self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
-_reloads = [0]
-
-
 def reloads():
     """How many times this arbiter reloaded its configuration (HUP)."""
-    return _reloads[0]
+    return _patch.here().reloads
 
 
 def _reload(original, self, *args, **kwargs):
     # HUP runs the config file again: what its configure() set before must not outlive
     # a config that no longer calls it (the environment and the defaults then apply).
     _settings.reset()
-    _reloads[0] += 1  # the worker class's setup runs again for the new configuration
+    _patch.here().reloads += 1  # the worker class's setup runs again for the new configuration
     return original(self, *args, **kwargs)
 
 
@@ -609,26 +617,6 @@ def _stop(original, self, *args, **kwargs):
         _release_all()
 
 
-def _targets():
-    """What the guard wraps on this gunicorn: ``(namespace, name, impl, feature)``, the
-    feature a fault in ``impl`` turns off (``_patch``)."""
-    yield gunicorn_sock.UnixSocket, "__init__", _init, "guard"
-    yield gunicorn_sock.UnixSocket, "bind", _bind, "guard"
-    if _compat.UNIX_CLOSE_UNLINKS:
-        # Not contained: 19.6.0's own close() is the bug (every worker unlinks the path).
-        yield gunicorn_sock.UnixSocket, "close", _close, None
-    if _compat.HAS_CLOSE_SOCKETS or not _compat.UNIX_CLOSE_UNLINKS:  # neither: warned
-        yield gunicorn_sock, "close_sockets", _close_sockets, "guard"
-    yield gunicorn_arbiter.Arbiter, "reexec", _reexec, "guard"
-    yield gunicorn_arbiter.Arbiter, "reload", _reload, "guard"
-    yield gunicorn_arbiter.Arbiter, "manage_workers", _manage_workers, "heal"
-    yield gunicorn_arbiter.Arbiter, "stop", _stop, "heal"
-    if _compat.ARBITER_WAIT == "wait_for_signals":
-        yield gunicorn_arbiter.Arbiter, "wait_for_signals", _wait_for_signals, "heal"
-    else:  # "sleep"; neither: named in the WARNING
-        yield gunicorn_arbiter.Arbiter, "sleep", _sleep, "heal"
-
-
 def install(log=None):
     """Install the guard in this process; return False if it was already installed.
 
@@ -636,37 +624,23 @@ def install(log=None):
     workers forked afterwards inherit it. A target missing on this gunicorn is left
     alone and named in one WARNING line.
     """
-    with _lock:
-        if _installed:
-            return False
-        try:
-            _heal.parse_heal(os.environ.get(_heal.ENV_HEAL))
-        except ValueError as exc:
-            _settings.fail(str(exc), log)  # one line, exit 1, as for any bad setting
-        _patch.on_disable("heal", _release_all)
-        missing = []
-        for namespace, name, impl, feature in _targets():
-            if _patch.wrap(namespace, name, impl, key=PATCH_KEY, feature=feature):
-                _installed.append((namespace, name))
-            elif not _patch.is_wrapped(namespace, name, key=PATCH_KEY):
-                missing.append("%s.%s" % (getattr(namespace, "__name__", namespace), name))
-        if missing:
-            _compat.warn_unrecognised("the socket guard", missing, log)
-        return True
+    from . import _arbiter
+    try:
+        _heal.parse_heal(os.environ.get(_heal.ENV_HEAL))
+    except ValueError as exc:
+        _settings.fail(str(exc), log)  # one line, exit 1, as for any bad setting
+    return bool(_arbiter.install(FEATURES, log))
 
 
 def uninstall():
     """Remove the guard's own wrappers (only ours); False if it was not installed."""
-    with _lock:
-        if not _installed:
-            return False
-        for namespace, name in reversed(_installed):
-            _patch.unwrap(namespace, name, key=PATCH_KEY)
-        del _installed[:]
-        _release_all()
-        return True
+    from . import _arbiter
+    removed = _arbiter.uninstall(FEATURES)
+    _release_all()
+    return removed
 
 
 def installed():
     """True while the guard is installed in this process."""
-    return bool(_installed)
+    from . import _arbiter
+    return _arbiter.enabled("guard")

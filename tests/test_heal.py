@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from safe_gthread import _heal, _patch, _unixdiag, guard
+from safe_gthread import _arbiter, _heal, _patch, _unixdiag, guard  # noqa: F401 (_arbiter: its fork hooks)
 from test_guard import Listener, Log
 
 
@@ -547,7 +547,7 @@ def ticking(monkeypatch):
     counted = []
     monkeypatch.setattr(guard, "_check_paths",
                         lambda arbiter: counted.append(time.monotonic()))
-    monkeypatch.setattr(guard, "_healers", [object()])
+    monkeypatch.setattr(_patch.here(), "healers", [object()])
     return counted
 
 
@@ -595,7 +595,7 @@ def test_wait_for_signals_waits_less(ticking):
 
 
 def test_wait_for_signals_unchanged_without_a_path(monkeypatch):
-    monkeypatch.setattr(guard, "_healers", [])
+    monkeypatch.setattr(_patch.here(), "healers", [])
     seen = []
     guard._wait_for_signals(lambda self, timeout=1.0: seen.append(timeout), object(),
                             timeout=1.0)
@@ -641,8 +641,8 @@ def test_the_arbiter_wait_is_detected():
 
 @pytest.fixture
 def fresh_guard_state(monkeypatch):
-    monkeypatch.setattr(guard, "_healers", [])
-    yield guard._healers
+    monkeypatch.setattr(_patch.here(), "healers", [])
+    yield _patch.here().healers
     guard._release_all()
 
 
@@ -748,7 +748,7 @@ def in_forked_child(check):
         os.waitpid(pid, 0)
 
 
-def test_workers_do_not_inherit_the_watcher(tmp_path, sockets):
+def test_workers_do_not_inherit_the_watcher(tmp_path, sockets, monkeypatch):
     """Issue 18 c: the arbiter's inotify fd was inherited by every worker (<= 23)."""
     path = str(tmp_path / "s.sock")
     sockets(path)
@@ -756,6 +756,7 @@ def test_workers_do_not_inherit_the_watcher(tmp_path, sockets):
     watcher.add(path)
     if watcher.fd is None:
         pytest.skip("inotify is not available here")
+    monkeypatch.setattr(_patch.here(), "watcher", watcher)
     fd = watcher.fd
 
     def closed():
@@ -779,7 +780,7 @@ def test_sleep_wakes_on_a_removal_and_checks(ticking, tmp_path, monkeypatch, soc
     watcher.add(path)
     if watcher.fd is None:
         pytest.skip("inotify is not available here")
-    monkeypatch.setattr(guard, "_watcher", watcher)
+    monkeypatch.setattr(_patch.here(), "watcher", watcher)
     monkeypatch.setattr(_heal, "INTERVAL", 0.9)  # without the wakeup: one check at 0.9 s
     arbiter = FakeArbiter()
     try:

@@ -426,11 +426,6 @@ def test_an_uncontained_layer_propagates(module, contained):
     assert contained() == []
 
 
-def test_the_feature_defaults_to_the_keys():
-    assert _patch._FEATURES["safe_gthread.schedule"] == "scheduler"
-    assert _patch._FEATURES["safe_gthread.reuseport"] == "reuse_port"
-
-
 def test_contain_reports_and_cleans_up_once(contained):
     cleaned = []
     _patch.on_disable("demo", lambda: cleaned.append(1))

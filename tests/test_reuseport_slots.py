@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from safe_gthread import _compat, _reuseport
+from safe_gthread import _arbiter, _compat, _patch, _reuseport
 from safe_gthread.check.proxy import free_port
 from safe_gthread.check.runner import count_listeners
 
@@ -285,19 +285,18 @@ def arbiter():
     # Wrap the stand-in's methods the way install() wraps gunicorn's Arbiter.
     from safe_gthread import _patch
     assert _reuseport.install()
-    _patch.wrap(FakeArbiter, "spawn_worker", _reuseport._spawn_worker, key=_reuseport.PATCH_KEY)
+    _patch.wrap(FakeArbiter, "spawn_worker", _reuseport._spawn_worker, key="tests")
     fake = FakeArbiter(cfg, 2)
     try:
         yield fake
     finally:
-        _patch.unwrap(FakeArbiter, "spawn_worker", key=_reuseport.PATCH_KEY)
+        _patch.unwrap(FakeArbiter, "spawn_worker", key="tests")
         _reuseport.uninstall()
-        assert not _patch.is_wrapped(gunicorn_arbiter.Arbiter, "spawn_worker",
-                                     key=_reuseport.PATCH_KEY)
+        assert not _arbiter.enabled("reuse_port") and not _patch.here().slots
 
 
 def _slot_inodes():
-    return [[_inode(fd) for fd in slot.fds()] for slot in _reuseport._state["slots"]]
+    return [[_inode(fd) for fd in slot.fds()] for slot in _patch.here().slots]
 
 
 @needs_binding_workers
@@ -357,7 +356,7 @@ def test_other_children_of_the_arbiter_hold_no_slot(arbiter):
 @needs_binding_workers
 def test_the_arbiters_copies_are_not_inherited_across_exec(arbiter):
     arbiter.spawn_worker()
-    for fd in _reuseport._state["slots"][0].fds():
+    for fd in _patch.here().slots[0].fds():
         assert not os.get_inheritable(fd)
 
 
@@ -398,7 +397,7 @@ class _Arbiter(object):
 ])
 def test_one_boot_line_saying_how_queued_connections_are_kept(monkeypatch, active, kernel,
                                                               level, phrase):
-    monkeypatch.setattr(_reuseport, "_state", {})
+    monkeypatch.setattr(_patch.here(), "announced", False)
     monkeypatch.setattr(_reuseport, "migrate_req", lambda: kernel)
     arbiter = _Arbiter()
     _reuseport._announce(arbiter, active)

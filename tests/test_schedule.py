@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from safe_gthread import _schedule, _worker
+from safe_gthread import _patch, _schedule, _worker
 from safe_gthread.check import load as _load, procs as _procs
 from versions import STOCK_WORKERS_UNLINK
 
@@ -168,13 +168,15 @@ def test_the_heartbeat_file_keeps_gunicorns_clock(tmp_path):
         stamped = tmp.last_update()
         clock = min((time.monotonic, time.time), key=lambda c: abs(c() - stamped))
         worker = type("W", (), {"tmp": tmp, "ppid": os.getpid()})()
-        _schedule._state["mine"] = [0, 0, 0, 0]
+        with_sigchld = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        installed = _schedule.installed
+        _schedule.installed = lambda: True  # as in a worker of a scheduling arbiter
         try:
-            with_sigchld = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
             assert _schedule.send(worker, _schedule.DUE, "max_requests")
         finally:
             signal.signal(signal.SIGCHLD, with_sigchld)
-            _schedule._state.pop("mine", None)
+            _schedule.installed = installed
+            _patch.here().message = None
         assert abs(clock() - tmp.last_update()) < 5, (clock, tmp.last_update())
         assert _schedule._read({1: type("Wk", (), {"tmp": tmp, "age": 1})()}) == [
             (_schedule.DUE, 1, 1, 1, 0.0)]
@@ -334,7 +336,7 @@ def test_spawn_worker_runs_with_the_real_workers():
                                                             key=lambda w: w.age)), arbiter)
     assert [w.age for w in seen[0]] == [1, 2]
     assert isinstance(arbiter.WORKERS, _schedule._Discounted)
-    assert "siblings" not in _schedule._state  # only during the fork
+    assert _patch.here().siblings is None  # only during the fork
 
 
 def test_lifetime_is_spread_per_worker():

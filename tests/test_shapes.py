@@ -118,14 +118,14 @@ _log.setLevel(logging.DEBUG)
 result = {}
 try:
     import safe_gthread
-    from safe_gthread import _compat, _patch, guard
+    from safe_gthread import _arbiter, _compat, _patch, guard
     safe_gthread.Worker.setup()
     safe_gthread.Worker.setup()  # a HUP loads the worker class again
     result["generation"] = _compat.GTHREAD_GENERATION
     result["retirement"] = "%%s.%%s" %% (safe_gthread.Worker.__mro__[1].__module__,
                                        safe_gthread.Worker.__mro__[1].__name__)
     result["guarded"] = sorted("%%s.%%s" %% (getattr(o, "__name__", o), n)
-                               for o, n in guard._installed)
+                               for o, n in _arbiter.wrapped("guard", "heal"))
     result["installed"] = guard.installed()
     %s
 except BaseException:
