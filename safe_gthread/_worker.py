@@ -150,6 +150,8 @@ class Worker(_Retirement, ThreadWorker):
     _safe_hold_look_at = None
     _safe_held = False
     _safe_max_requests = None
+    _safe_next_nr = 0  # 0: the first notify() looks (``_safe_next``)
+    _safe_next_at = 0.0
 
     @classmethod
     def setup(cls):
@@ -244,8 +246,35 @@ class Worker(_Retirement, ThreadWorker):
     # -- triggers ----------------------------------------------------------------------
     def notify(self):
         super().notify()
-        # Every loop iteration calls notify: integer and clock comparisons only (and,
-        # every LOOK_EVERY, one pread of the arbiter's HOLD byte).
+        # The loop calls notify every turn: while nothing is due, one count and one
+        # clock comparison (``_safe_next``).
+        if self.nr < self._safe_next_nr and time.monotonic() < self._safe_next_at:
+            return
+        self._safe_look()
+        self._safe_next_nr, self._safe_next_at = self._safe_next()
+
+    def _safe_next(self):
+        """The request count and the time at which ``_safe_look`` has something to do
+        next (a request limit to ask or stop at, a rate look, a lifetime, a fallback)."""
+        if not self.alive:
+            return sys.maxsize, float("inf")
+        nr, at = sys.maxsize, [float("inf")]
+        if self._safe_hold_look_at is not None:
+            at.append(self._safe_hold_look_at)
+        if self._safe_reason is None:
+            if self._safe_retire_after is not None:
+                nr = self._safe_retire_after if self.nr else 1
+                at.append(self._safe_look_at if self.nr else float("inf"))
+            if self._safe_lifetime_at is not None:
+                at.append(self._safe_lifetime_at)
+        elif not self._safe_due:
+            if self._safe_retire_after is not None:
+                nr = self._safe_retire_after
+        elif self._safe_fallback_at is not None and not self._safe_held:
+            at.append(self._safe_fallback_at)
+        return nr, min(at)
+
+    def _safe_look(self):
         if not self.alive:
             return  # stopping already (our retirement, HUP, TERM): nothing to ask for
         if self._safe_hold_look_at is not None:
@@ -279,6 +308,7 @@ class Worker(_Retirement, ThreadWorker):
         if held == self._safe_held:
             return
         self._safe_held = held
+        self._safe_next_at = 0.0  # the next notify() looks again
         if held:
             self._safe_max_requests = self.max_requests
             self.max_requests = sys.maxsize
@@ -321,6 +351,7 @@ class Worker(_Retirement, ThreadWorker):
     def _retire(self, reason, now_=False, due=False, eta=0.0):
         """Ask the arbiter for a successor (``eta``: seconds to the limit); ``due``: at
         the limit (stop me once it is ready); ``now_``: stop accepting at once too."""
+        self._safe_next_at = 0.0  # the next notify() looks again
         with self._safe_lock:
             first = self._safe_reason is None
             if first:

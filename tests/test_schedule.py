@@ -517,14 +517,21 @@ def worker(monkeypatch):
     return w
 
 
-def test_a_due_worker_without_a_successor_retires_itself_after_the_wait(worker):
+def test_a_due_worker_without_a_successor_retires_itself_after_the_wait(worker, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(_worker.time, "monotonic", clock)
     worker._safe_retire_after = None
-    worker._safe_lifetime_at = time.monotonic() - 1
+    worker._safe_lifetime_at = clock.now + 5
+    worker.notify()
+    assert worker.sent == []
+    clock.now += 5
     worker.notify()
     worker.notify()
     assert worker.sent == [(_schedule.DUE, "max_worker_lifetime")]
+    clock.now += worker._safe_handoff_wait - 0.1
+    worker.notify()
     assert worker.alive  # until the arbiter's TERM, or the end of the wait
-    worker._safe_fallback_at = time.monotonic() - 1
+    clock.now += 0.1
     worker.notify()
     assert not worker.alive and worker._safe_stopped_by == "fallback"
 
@@ -699,3 +706,24 @@ def test_statsd_gets_counters_and_timers(gunicorn_server):
         done.set()
         reader.join()
         udp.close()
+
+
+def test_notify_looks_only_when_something_is_due(worker, monkeypatch):
+    """The loop calls notify() every turn: between the rate looks (every LOOK_EVERY) and
+    short of the limit it compares a count and a clock and returns."""
+    clock = Clock()
+    monkeypatch.setattr(_worker.time, "monotonic", clock)
+    looks = []
+    look = worker._safe_look
+    monkeypatch.setattr(worker, "_safe_look", lambda: looks.append(worker.nr) or look())
+    worker._safe_retire_after, worker._safe_lead_seconds = 300, 1.0
+    for nr in range(1, 51):
+        worker.nr = nr
+        worker.notify()
+    assert looks == [1]  # the first request starts the rate clock
+    clock.now += _worker.LOOK_EVERY
+    worker.notify()
+    assert looks == [1, 50]
+    worker.nr = 300
+    worker.notify()
+    assert looks == [1, 50, 300] and worker.sent[-1] == (_schedule.DUE, "max_requests")
