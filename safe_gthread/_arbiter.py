@@ -39,6 +39,7 @@ _enabled = set()
 # What a fault's turning a feature off must close, and what a forked child must not keep.
 _patch.on_disable("heal", guard._release_all)
 _patch.on_disable("reuse_port", _reuseport._close_slots)
+_patch.on_disable("scheduler", _schedule.forget)
 _patch.after_fork_in_child(guard._after_fork)
 _patch.after_fork_in_child(_reuseport._after_fork)
 

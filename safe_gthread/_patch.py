@@ -243,7 +243,12 @@ def link(feature, impl, function, contained=True):
     contained as ``feature`` unless ``contained`` is False: one link of a chain."""
     if not contained:
         return lambda *args, **kwargs: impl(function, *args, **kwargs)
-    return lambda *args, **kwargs: _contained(feature, impl, function, args, kwargs)
+
+    def call(*args, **kwargs):
+        if feature in here().off:  # turned off earlier in this very call
+            return function(*args, **kwargs)
+        return _contained(feature, impl, function, args, kwargs)
+    return call
 
 
 class _Layer(object):

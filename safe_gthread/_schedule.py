@@ -600,6 +600,12 @@ def install():
     return True
 
 
+def forget():
+    """A fault turned the scheduler off: nothing may read its state any more (new
+    workers' boots are not guarded, reuse_port gets no hints): gunicorn's own."""
+    _patch.here().scheduler = None
+
+
 def uninstall():
     """Stop the scheduler; False if it was not installed."""
     from . import _arbiter
@@ -634,7 +640,10 @@ def send(worker, kind, reason="", eta=0.0):
     (keep serving; at our limit in about ``eta`` seconds), are DUE (at the limit) or
     LEAVING (stopped accepting). False when that is not possible (no scheduler in this
     arbiter, no heartbeat file, a gone parent): the caller falls back to the stock way."""
-    if not installed():
+    # The arbiter's word, taken when it made the worker (a fault there may have turned
+    # its scheduler off since; this process's own faults are its own).
+    scheduled = getattr(worker, "_safe_scheduled", None)
+    if not (installed() if scheduled is None else scheduled):
         return False
     process = _patch.here()
     mine = process.message = process.message or [0, 0, 0, 0]

@@ -152,6 +152,8 @@ class Worker(_Retirement, ThreadWorker):
     _safe_max_requests = None
     _safe_next_nr = 0  # 0: the first notify() looks (``_safe_next``)
     _safe_next_at = 0.0
+    _safe_changes = 0  # raised by every change of what ``_safe_next`` reads
+    _safe_scheduled = None  # the arbiter ran a scheduler when it made this worker
 
     @classmethod
     def setup(cls):
@@ -173,7 +175,8 @@ class Worker(_Retirement, ThreadWorker):
         # Forked while other workers serve: a failure to load the app must not halt
         # gunicorn (``_deploy``). At first start nothing serves: gunicorn's own halt.
         self._safe_guarded_boot = _schedule.serving()
-        if (_schedule.installed() and getattr(self.cfg, "max_requests", 0) > 0
+        self._safe_scheduled = _schedule.installed()  # in the arbiter: its faults count
+        if (self._safe_scheduled and getattr(self.cfg, "max_requests", 0) > 0
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests
             self._safe_handoff_estimate = _schedule.handoff_estimate()
@@ -227,7 +230,7 @@ class Worker(_Retirement, ThreadWorker):
             self._safe_handoff_estimate or 0.0,
             self._safe_ready_at - self._safe_created) + LEAD_SLACK
         _schedule.send(self, _schedule.READY)
-        if _schedule.installed():
+        if self._safe_scheduled:
             self._safe_hold_look_at = 0.0
         if self._safe_retire_after is not None:
             self.log.debug("safe-gthread: worker %s ready %.2fs after its fork; it asks for "
@@ -250,8 +253,13 @@ class Worker(_Retirement, ThreadWorker):
         # clock comparison (``_safe_next``).
         if self.nr < self._safe_next_nr and time.monotonic() < self._safe_next_at:
             return
+        changes = self._safe_changes
         self._safe_look()
         self._safe_next_nr, self._safe_next_at = self._safe_next()
+        if self._safe_changes != changes:
+            # Another thread (the memory sampler, a request's HOLD look) changed the
+            # state while this one computed from it: look again next turn.
+            self._safe_next_at = 0.0
 
     def _safe_next(self):
         """The request count and the time at which ``_safe_look`` has something to do
@@ -305,25 +313,34 @@ class Worker(_Retirement, ThreadWorker):
         wins over max_requests, and this worker serves on past its limit (gunicorn's own
         check reads ``max_requests``) until a successor boots again."""
         held = _schedule.held(self)
-        if held == self._safe_held:
-            return
-        self._safe_held = held
-        self._safe_next_at = 0.0  # the next notify() looks again
+        # The loop's thread and a request's (``_handle_request_checked``) may both look:
+        # one of them changes max_requests, never both from the same reading.
+        with self._safe_lock:
+            if held == self._safe_held:
+                return
+            self._safe_held = held
+            if held:
+                self._safe_max_requests = self.max_requests
+                self.max_requests = sys.maxsize
+            else:
+                limit = self._safe_max_requests
+                if limit is not None and self.nr < limit:
+                    self.max_requests = limit
+                elif self._safe_due:
+                    # Past its limit: its successor comes from the queue; it waits for
+                    # it as at the limit, at most the usual wait.
+                    self._safe_fallback_at = now + self._safe_handoff_wait
+                else:
+                    self.max_requests = limit if limit is not None else self.max_requests
+            self._changed()
         if held:
-            self._safe_max_requests = self.max_requests
-            self.max_requests = sys.maxsize
             self.log.info("safe-gthread: worker %s serves on past max_requests while new "
                           "workers cannot boot", self.pid)
-            return
-        limit = self._safe_max_requests
-        if limit is not None and self.nr < limit:
-            self.max_requests = limit
-        elif self._safe_due:
-            # Past its limit: its successor comes from the queue; it waits for it as at
-            # the limit, at most the usual wait.
-            self._safe_fallback_at = now + self._safe_handoff_wait
-        else:
-            self.max_requests = limit if limit is not None else self.max_requests
+
+    def _changed(self):
+        """What ``_safe_next`` reads has changed: the next notify() looks."""
+        self._safe_changes += 1
+        self._safe_next_at = 0.0
 
     def _plan_retirement(self):
         """Ask for the successor once the requests left before the limit are about what
@@ -351,7 +368,6 @@ class Worker(_Retirement, ThreadWorker):
     def _retire(self, reason, now_=False, due=False, eta=0.0):
         """Ask the arbiter for a successor (``eta``: seconds to the limit); ``due``: at
         the limit (stop me once it is ready); ``now_``: stop accepting at once too."""
-        self._safe_next_at = 0.0  # the next notify() looks again
         with self._safe_lock:
             first = self._safe_reason is None
             if first:
@@ -376,6 +392,7 @@ class Worker(_Retirement, ThreadWorker):
                 self._safe_stopped_by = "limit"
                 self._safe_fallback_at = None
                 self.alive = False
+            self._changed()  # after the changes: a notify() computing meanwhile looks again
             kind = (_schedule.LEAVING if now_ else
                     _schedule.DUE if self._safe_due else _schedule.RETIRE)
             if not _schedule.send(self, kind, reason, eta) and self._safe_due and not now_:

@@ -19,8 +19,13 @@ def everything():
     _schedule.install()
     _reuseport.install()
     yield
-    for feature in set(_arbiter._enabled) - installed:
-        _arbiter.uninstall([feature])
+    added = set(_arbiter._enabled) - installed
+    if "scheduler" in added:
+        _schedule.uninstall()
+    if "reuse_port" in added:
+        _reuseport.uninstall()
+    if added & set(guard.FEATURES):
+        guard.uninstall()
 
 
 @pytest.fixture
@@ -36,6 +41,8 @@ def contained(monkeypatch, caplog):
 def test_every_callable_is_wrapped_once(everything):
     rows = _arbiter.table()
     assert len(set((id(owner), name) for owner, name, _ in rows)) == len(rows)
+    assert _arbiter.enabled("guard") and _arbiter.enabled("heal") and _arbiter.enabled("scheduler")
+    checked = 0
     for owner, name, handlers in rows:
         current = _patch._raw(owner, name)[0]
         layer = getattr(current, "_safe_gthread_layer", None)
@@ -44,6 +51,15 @@ def test_every_callable_is_wrapped_once(everything):
         assert layer is not None, (owner, name)
         # One layer: under it is gunicorn's own callable, not another of ours.
         assert not hasattr(current.__wrapped__, "_safe_gthread_layer"), (owner, name)
+        checked += 1
+    assert checked >= 9  # the guard's, heal's and the scheduler's rows on every gunicorn
+
+
+def test_19_6_0s_close_is_the_one_uncontained_handler():
+    from safe_gthread import _compat
+    uncontained = [(owner.__name__, name) for owner, name, handlers in _arbiter.table()
+                   for entry in handlers if _arbiter.UNCONTAINED in entry[2:]]
+    assert uncontained == ([("UnixSocket", "close")] if _compat.UNIX_CLOSE_UNLINKS else [])
 
 
 def test_the_stated_order():
@@ -160,3 +176,32 @@ def test_an_uncontained_handler_runs_after_its_features_fault(contained, monkeyp
     row = [("guard", lambda original: log.append("guard") or "kept", _arbiter.UNCONTAINED)]
     assert _arbiter._dispatcher(row)(lambda: log.append("unlinked")) == "kept"
     assert log == ["guard"]
+
+
+def test_a_scheduler_fault_forgets_its_state(everything, monkeypatch, caplog):
+    """After a fault the scheduler's state is gone: new workers' boots are not guarded
+    (gunicorn's own halt), and no hint reaches reuse_port."""
+    mine = _patch.here()
+    assert mine.scheduler is not None
+    monkeypatch.setattr(mine, "off", set())
+    monkeypatch.setattr(mine, "scheduler", mine.scheduler)  # back for the next tests
+    caplog.set_level(logging.ERROR, logger="gunicorn.error")
+    with _patch.contain("scheduler"):
+        raise RuntimeError("a bug of ours")
+    assert _patch.here().scheduler is None
+    assert not _schedule.serving() and _schedule.retiring_pids() == set()
+    assert not _schedule.installed()
+
+
+def test_a_feature_turned_off_during_a_call_is_skipped_in_it(contained, monkeypatch):
+    monkeypatch.setattr(_arbiter, "_enabled", {"guard", "heal"})
+    log = []
+
+    def outer(original):
+        log.append("guard")
+        with _patch.contain("heal"):
+            raise RuntimeError("heal's fault, in code the guard called")
+        return original()
+    row = [("guard", outer), ("heal", lambda original: log.append("heal") or original())]
+    _arbiter._dispatcher(row)(lambda: log.append("gunicorn"))
+    assert log == ["guard", "gunicorn"]

@@ -113,10 +113,14 @@ def test_callers_look_the_names_up(pristine):
     # The arbiter calls ``sock.close_sockets`` and ``self.reexec`` through the module and
     # the class, so patching them there reaches every caller.
     guard.install()
+    from safe_gthread import _arbiter
+    guarded = _arbiter.wrapped("guard")
     assert gunicorn_arbiter.Arbiter.reexec._safe_gthread_layer is not None
+    assert (gunicorn_arbiter.Arbiter, "reexec") in guarded
     if _compat.HAS_CLOSE_SOCKETS:
         wrapper = gunicorn_arbiter.sock.close_sockets
         assert wrapper._safe_gthread_layer is not None
+        assert (gunicorn_arbiter.sock, "close_sockets") in guarded
         assert wrapper.__wrapped__ is _patch.original(gunicorn_arbiter.sock, "close_sockets")
 
 

@@ -727,3 +727,25 @@ def test_notify_looks_only_when_something_is_due(worker, monkeypatch):
     worker.nr = 300
     worker.notify()
     assert looks == [1, 50, 300] and worker.sent[-1] == (_schedule.DUE, "max_requests")
+
+
+def test_a_change_from_another_thread_is_never_lost(worker, monkeypatch):
+    """The memory sampler (or a request's HOLD look) changes the state while the loop's
+    notify() computes when to look next from the old state: the next notify() looks."""
+    clock = Clock()
+    monkeypatch.setattr(_worker.time, "monotonic", clock)
+    worker._safe_retire_after = None
+    worker._safe_lifetime_at = clock.now + 3600
+    compute = worker._safe_next
+
+    def raced():
+        result = compute()  # from the state as it was
+        worker._retire("max_worker_lifetime", due=True)  # another thread, meanwhile
+        return result
+    monkeypatch.setattr(worker, "_safe_next", raced)
+    worker.notify()
+    monkeypatch.setattr(worker, "_safe_next", compute)
+    assert worker.sent == [(_schedule.DUE, "max_worker_lifetime")]
+    clock.now += worker._safe_handoff_wait
+    worker.notify()
+    assert not worker.alive and worker._safe_stopped_by == "fallback"
