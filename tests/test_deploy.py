@@ -321,6 +321,7 @@ def test_boot_failure_and_hold_through_a_real_heartbeat_file(tmp_path, monkeypat
 
 def bare_worker():
     w = _worker.Worker.__new__(_worker.Worker)
+    w._safe_lock = threading.Lock()  # made in __init__, which this worker skips
     if not isinstance(getattr(type(w), "pid", None), property):
         w.pid = os.getpid()  # gunicorn >= 20 sets it after fork; 19.x has a property
     return w
