@@ -1,0 +1,875 @@
+"""Successors forked from a warm per-generation template: the mold (opt-in, ``mold``).
+
+With ``safe_gthread.configure(mold=True)`` (or ``SAFE_GTHREAD_MOLD=1``) the arbiter forks
+one *mold* process per configuration generation. The mold imports the app once
+(``app.wsgi()``, as ``preload_app`` does in the arbiter) and never serves. A worker is
+then forked from the mold instead of from the arbiter, so it is ready in a fork's time,
+not an import's. docs/mold.md describes the process model, what is built and what is not.
+
+How a worker is spawned (all of it inside gunicorn's own ``Arbiter.spawn_worker``):
+
+1. The arbiter runs gunicorn's ``spawn_worker`` unchanged, except that for this one call
+   ``gunicorn.arbiter.os`` is a stand-in whose ``fork()`` asks the mold. gunicorn builds
+   the worker object (its heartbeat file is opened here, in the arbiter) and runs
+   ``pre_fork`` in the arbiter, as always; ``Worker.__init__`` hands us the object.
+2. The stand-in ``fork()`` sends the mold a SPAWN message over a SOCK_SEQPACKET
+   socketpair: the worker's age and its plain attributes (numbers, strings: the
+   ``max_requests`` jitter gunicorn drew, the scheduler's decisions), and, by SCM_RIGHTS,
+   the worker's heartbeat file and the read end of an "adopted" pipe.
+3. The mold runs gunicorn's own ``spawn_worker`` on its copy of the arbiter with its own
+   stand-in: the worker class builds the object there and takes the arbiter's heartbeat
+   file in place of its own (``dup2``), the attributes are copied, ``pre_fork`` is not
+   run again, and ``fork()`` forks twice: the middle process exits at once, so the worker
+   is re-parented to the arbiter, a child subreaper (``PR_SET_CHILD_SUBREAPER``). The mold
+   answers SPAWNED with the worker's pid.
+4. The arbiter's stand-in returns that pid to gunicorn, whose parent branch records the
+   worker in ``WORKERS`` as for any fork. The arbiter then writes one byte on the
+   "adopted" pipe. The worker, which waited for that byte, runs gunicorn's own child
+   branch: "Booting worker", ``post_fork``, ``init_process`` (the app is already loaded:
+   ``load_wsgi`` returns the mold's), the loop, ``worker_exit``; it is reaped by the
+   arbiter's own ``reap_workers``, and its timeout is gunicorn's.
+
+Any failure on the way (no mold ready yet, the mold died, no answer within
+``SPAWN_TIMEOUT``, an error reply) makes the stand-in call the real ``os.fork()``: the
+worker boots the normal way (fork + import), with one ERROR for a failed mold, which is
+started again with a backoff. A Python exception of ours turns the feature off for this
+arbiter (``_patch``: one ERROR with the traceback), the same way.
+"""
+import array
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+
+from gunicorn import arbiter as gunicorn_arbiter
+
+from . import _compat, _patch
+
+KEY = "safe_gthread.mold"
+FEATURE = "mold"
+
+#: prctl(2) options (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+#: gunicorn versions the mold has been run end to end on (tests/test_mold.py). Others are
+#: refused at start with one line, until they have been.
+TESTED_GUNICORN = ("27.0.1",)
+
+#: The arbiter waits this long for the mold's answer to a SPAWN (a fork of a big process
+#: takes tens of milliseconds), then boots that worker the normal way.
+SPAWN_TIMEOUT = 5.0
+#: A worker forked from the mold waits at most this long for the arbiter's "adopted" byte
+#: (the arbiter writes it, or closes the pipe, right after the mold's answer).
+ADOPT_TIMEOUT = 30.0
+#: A mold that dies or cannot load the app is started again after 1 s, doubling to 60 s.
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+#: A mold not ready within gunicorn's ``timeout`` (or this, when that is 0) is killed.
+DEFAULT_LOAD_TIMEOUT = 120.0
+
+MAX_MESSAGE = 65536
+MAX_FDS = 4
+
+_log = logging.getLogger("gunicorn.error")
+_lock = threading.RLock()
+#: "molds": the arbiter's Molds, once installed.
+_state = {}
+
+
+class ProtocolError(Exception):
+    """A message that is not one of ours (too long, truncated, not JSON)."""
+
+
+class Unavailable(Exception):
+    """The mold cannot fork this worker (the message says why); not a bug of ours."""
+
+
+# -- prctl ------------------------------------------------------------------------------
+def _prctl(option, value):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                        ctypes.c_ulong(0))
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def set_child_subreaper(on=True):
+    """Make this process the reaper of its orphaned descendants (Linux >= 3.4)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1 if on else 0)
+
+
+def is_child_subreaper():
+    import ctypes
+    value = ctypes.c_int(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
+        return False
+    return bool(value.value)
+
+
+def unsupported():
+    """Why the mold cannot run in this process (one line), or None."""
+    if not sys.platform.startswith("linux"):
+        return "it needs Linux (PR_SET_CHILD_SUBREAPER); this is %s" % sys.platform
+    if _compat.GUNICORN_VERSION not in TESTED_GUNICORN:
+        return ("it is not supported on gunicorn %s yet (supported: %s)"
+                % (_compat.GUNICORN_VERSION, ", ".join(TESTED_GUNICORN)))
+    spawn = _innermost(getattr(gunicorn_arbiter.Arbiter, "spawn_worker", None))
+    names = _compat._names_used(spawn)
+    missing = [name for name in ("fork", "worker_class", "pre_fork") if name not in names]
+    if missing:
+        return ("gunicorn %s's Arbiter.spawn_worker is not the shape it knows (no %s)"
+                % (_compat.GUNICORN_VERSION, ", ".join(missing)))
+    if not hasattr(socket, "SCM_RIGHTS") or not hasattr(socket.socket, "sendmsg"):
+        return "this Python cannot pass file descriptors (SCM_RIGHTS)"
+    try:
+        was = is_child_subreaper()
+        set_child_subreaper(True)
+        if not was:
+            set_child_subreaper(False)
+    except (OSError, AttributeError) as exc:
+        return "prctl(PR_SET_CHILD_SUBREAPER) failed: %s" % exc
+    return None
+
+
+def _innermost(function):
+    """gunicorn's own function under our layers (``_patch`` wrappers carry
+    ``_safe_gthread_layer`` and ``__wrapped__``)."""
+    for _ in range(32):
+        if function is None or not hasattr(function, "_safe_gthread_layer"):
+            return function
+        function = getattr(function, "__wrapped__", None)
+    return function
+
+
+# -- the protocol -------------------------------------------------------------------------
+def send(sock, kind, fields=None, fds=()):
+    """One message: a JSON object with ``kind``, and ``fds`` passed by SCM_RIGHTS."""
+    payload = dict(fields or {})
+    payload["kind"] = kind
+    data = json.dumps(payload, sort_keys=True).encode("utf-8")
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("message too long (%d bytes)" % len(data))
+    ancillary = []
+    if fds:
+        ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                          array.array("i", list(fds)).tobytes()))
+    sock.sendmsg([data], ancillary)
+
+
+def wait_readable(sock, timeout):
+    """True when ``sock`` has a message or EOF within ``timeout`` seconds (None: wait)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        events = poller.poll(None if remaining is None else int(remaining * 1000))
+        if events:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
+
+def receive(sock, timeout=None):
+    """``(kind, fields, fds)``; None at EOF (the other side closed); raises
+    :class:`Unavailable` when nothing came within ``timeout`` seconds."""
+    if timeout is not None and not wait_readable(sock, timeout):
+        raise Unavailable("no answer within %gs" % timeout)
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS * 4))
+    fds = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            numbers = array.array("i")
+            numbers.frombytes(cdata[:len(cdata) - len(cdata) % numbers.itemsize])
+            fds.extend(numbers)
+    if not data and not fds:
+        return None
+    try:
+        if flags & (getattr(socket, "MSG_TRUNC", 0) | getattr(socket, "MSG_CTRUNC", 0)):
+            raise ProtocolError("truncated message")
+        try:
+            fields = json.loads(data.decode("utf-8"))
+            kind = fields.pop("kind")
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise ProtocolError("not a message of ours: %r" % data[:80])
+    except ProtocolError:
+        close_fds(fds)
+        raise
+    return kind, fields, fds
+
+
+def close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+#: Plain values a worker object carries from the arbiter to the mold's copy of it.
+_PLAIN = (type(None), bool, int, float, str)
+#: Set by gunicorn in each process itself.
+_NOT_COPIED = frozenset(["pid"])
+
+
+def worker_attrs(worker):
+    """The worker object's plain attributes (numbers, strings, None), as the arbiter set
+    them: gunicorn's drawn ``max_requests``, ``age``, ``ppid``, our scheduler's state."""
+    return dict((name, value) for name, value in vars(worker).items()
+                if isinstance(value, _PLAIN) and name not in _NOT_COPIED)
+
+
+def apply_attrs(worker, attrs):
+    for name, value in attrs.items():
+        if name in _NOT_COPIED:
+            continue
+        try:
+            setattr(worker, name, value)
+        except (AttributeError, TypeError):
+            pass  # a read-only property on this gunicorn
+
+
+class _OsWithFork(object):
+    """``gunicorn.arbiter.os`` for one ``spawn_worker`` call: ``os`` but for ``fork``."""
+
+    def __init__(self, fork):
+        self.fork = fork
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+class _NoPreFork(object):
+    """The mold's ``arbiter.cfg`` while it runs gunicorn's ``spawn_worker``: the arbiter ran
+    ``pre_fork`` already; every other setting is the configuration's own."""
+
+    def __init__(self, cfg):
+        object.__setattr__(self, "_cfg", cfg)
+
+    def pre_fork(self, *args, **kwargs):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._cfg, name)
+
+
+# -- the mold process -----------------------------------------------------------------------
+class Mold(object):
+    """The mold process: loads the app, then forks workers on request. :meth:`run` never
+    returns in the mold (it ``os._exit``s); in a worker forked from it, what ends the
+    worker (gunicorn's ``sys.exit``) propagates the way it does in a stock worker."""
+
+    def __init__(self, arbiter, sock, generation, arbiter_pid):
+        self.arbiter = arbiter
+        self.sock = sock
+        self.generation = generation
+        self.arbiter_pid = arbiter_pid
+        self.pid = None
+        self.spawn = _innermost(gunicorn_arbiter.Arbiter.spawn_worker)
+
+    def run(self):
+        self.pid = os.getpid()
+        log = getattr(self.arbiter, "log", None) or _log
+        try:
+            self._prepare()
+            if not self._load(log):
+                return
+            while True:
+                message = receive(self.sock)
+                if message is None:
+                    return  # the arbiter closed its end: this generation is over
+                kind, fields, fds = message
+                if kind == "spawn":
+                    self._spawn(fields, fds, log)
+                else:
+                    close_fds(fds)
+                    if kind == "stop":
+                        return
+        except BaseException:
+            if os.getpid() != self.pid:
+                raise  # a worker forked from here ends as gunicorn ends it
+            try:
+                log.error("safe-gthread: mold %s failed", self.pid, exc_info=True)
+            except Exception:
+                pass
+        finally:
+            if os.getpid() == self.pid:
+                os._exit(0)  # never 3 or 4: gunicorn <= 19.x halts on those from any child
+
+    def _prepare(self):
+        _patch.forked()  # Python 3.6: close what the arbiter holds
+        try:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        arbiter = self.arbiter
+        for number in list(getattr(arbiter, "SIGNALS", ())) + [signal.SIGCHLD]:
+            signal.signal(number, signal.SIG_IGN if number != signal.SIGCHLD else signal.SIG_DFL)
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(number, self._on_stop)
+        try:
+            signal.set_wakeup_fd(-1)
+        except (ValueError, AttributeError):
+            pass
+        # The workers' heartbeat files the arbiter held at our fork: not ours.
+        for worker in list(getattr(arbiter, "WORKERS", {}).values()):
+            try:
+                worker.tmp.close()
+            except (AttributeError, OSError, ValueError):
+                pass
+        arbiter.WORKERS = {}
+        try:
+            from gunicorn import util
+            util._setproctitle("safe-gthread mold [%s]" % getattr(arbiter, "proc_name", ""))
+        except Exception:
+            pass
+
+    def _on_stop(self, signum, frame):
+        if os.getpid() == self.pid:
+            os._exit(0)
+
+    def _load(self, log):
+        started = time.monotonic()
+        log.info("safe-gthread: mold %s loading the app (generation %s)", self.pid,
+                 self.generation)
+        try:
+            self.arbiter.app.wsgi()
+        except BaseException as exc:
+            from ._worker import describe_failure
+            cause = describe_failure(exc)
+            log.info("safe-gthread: mold %s cannot load the app: %s", self.pid, cause,
+                     exc_info=True)
+            send(self.sock, "failed", {"cause": cause})
+            return False
+        send(self.sock, "ready", {"pid": self.pid, "took": time.monotonic() - started})
+        return True
+
+    def _spawn(self, fields, fds, log):
+        if len(fds) != 2:
+            close_fds(fds)
+            send(self.sock, "error", {"cause": "expected 2 descriptors, got %d" % len(fds)})
+            return
+        tmp_fd, go_fd = fds
+        arbiter = self.arbiter
+        real_class, real_cfg = arbiter.worker_class, arbiter.cfg
+        quiet_cfg = _NoPreFork(real_cfg)
+        attrs = dict(fields.get("attrs") or {})
+        made = []
+
+        def build(*args, **kwargs):
+            args = [real_cfg if value is quiet_cfg else value for value in args]
+            kwargs = dict((k, real_cfg if v is quiet_cfg else v) for k, v in kwargs.items())
+            worker = real_class(*args, **kwargs)
+            # The arbiter's heartbeat file in place of the one just made here.
+            os.dup2(tmp_fd, worker.tmp.fileno())
+            apply_attrs(worker, attrs)
+            made.append(worker)
+            return worker
+
+        child = _ChildFork(self, tmp_fd, go_fd, real_class, real_cfg)
+        arbiter.worker_age = int(fields["age"]) - 1
+        arbiter.worker_class = build
+        arbiter.cfg = quiet_cfg
+        gunicorn_arbiter.os = _OsWithFork(child.fork)
+        try:
+            pid = self.spawn(arbiter)
+        except Exception as exc:
+            if os.getpid() != self.pid:
+                raise
+            close_fds([tmp_fd, go_fd])
+            send(self.sock, "error", {"cause": "%s: %s" % (type(exc).__name__, exc)})
+            return
+        finally:
+            gunicorn_arbiter.os = os
+            arbiter.worker_class, arbiter.cfg = real_class, real_cfg
+        # The mold: forget the worker gunicorn recorded in our copy of WORKERS.
+        worker = arbiter.WORKERS.pop(pid, None)
+        if worker is not None:
+            try:
+                worker.tmp.close()
+            except (AttributeError, OSError, ValueError):
+                pass
+        close_fds([tmp_fd, go_fd])
+        send(self.sock, "spawned", {"pid": pid})
+
+
+class _ChildFork(object):
+    """The mold's ``fork()`` for gunicorn's ``spawn_worker``: fork twice, so the worker
+    is re-parented to the arbiter (a child subreaper) when the middle process exits."""
+
+    def __init__(self, mold, tmp_fd, go_fd, real_class, real_cfg):
+        self.mold = mold
+        self.tmp_fd = tmp_fd
+        self.go_fd = go_fd
+        self.real_class = real_class
+        self.real_cfg = real_cfg
+
+    def fork(self):
+        read_end, write_end = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            try:
+                os.close(read_end)
+                pid = os.fork()
+            except BaseException:
+                os._exit(1)
+            if pid == 0:
+                os.close(write_end)
+                self._become_worker()
+                return 0
+            try:
+                os.write(write_end, str(pid).encode("ascii"))
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        data = b""
+        try:
+            while True:
+                chunk = os.read(read_end, 32)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(read_end)
+        _wait_for(middle)
+        if not data:
+            raise OSError(errno.EAGAIN, "the mold's double fork failed")
+        return int(data)
+
+    def _become_worker(self):
+        """In the new worker, before gunicorn's child branch: the real ``os`` and
+        configuration again, default signal handlers (the worker installs its own), no
+        mold socket, and the arbiter's word that it recorded us."""
+        mold = self.mold
+        gunicorn_arbiter.os = os
+        mold.arbiter.worker_class, mold.arbiter.cfg = self.real_class, self.real_cfg
+        try:
+            mold.sock.close()
+        except OSError:
+            pass
+        for number in list(getattr(mold.arbiter, "SIGNALS", ())) + [signal.SIGCHLD]:
+            signal.signal(number, signal.SIG_DFL)
+        word = b""
+        try:
+            if select.select([self.go_fd], [], [], ADOPT_TIMEOUT)[0]:
+                word = os.read(self.go_fd, 1)
+        except (OSError, ValueError):
+            word = b""
+        close_fds([self.go_fd, self.tmp_fd])
+        if word != b"1" or os.getppid() != mold.arbiter_pid:
+            os._exit(0)  # not recorded by the arbiter (it gave up on the mold): leave
+
+
+def _wait_for(pid):
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+# -- the arbiter's side ---------------------------------------------------------------------
+class _MoldRef(object):
+    """One mold process, as the arbiter sees it."""
+
+    __slots__ = ("pid", "sock", "cfg", "listeners", "started", "ready_at", "generation")
+
+    def __init__(self, pid, sock, cfg, listeners, started, generation):
+        self.pid = pid
+        self.sock = sock
+        self.cfg = cfg
+        self.listeners = listeners
+        self.started = started
+        self.ready_at = None
+        self.generation = generation
+
+    def matches(self, arbiter):
+        """Made for the configuration and the listeners the arbiter has now? A HUP loads
+        a new configuration object; healing or a reload to a new address new listeners."""
+        listeners = list(getattr(arbiter, "LISTENERS", ()) or ())
+        return (getattr(arbiter, "cfg", None) is self.cfg
+                and len(listeners) == len(self.listeners)
+                and all(a is b for a, b in zip(listeners, self.listeners)))
+
+
+class _Request(object):
+    """One ``spawn_worker`` through the mold, in the arbiter."""
+
+    def __init__(self, molds, mold, arbiter):
+        self.molds = molds
+        self.mold = mold
+        self.arbiter = arbiter
+        self.arbiter_pid = os.getpid()
+        self.thread = threading.get_ident()
+        self.worker = None
+        self.used = False
+        self.go = None
+        self.pid = None
+
+    def fork(self):
+        """gunicorn's ``os.fork()`` during this spawn. Never raises: whatever goes wrong,
+        the real fork (the worker boots the normal way)."""
+        if self.used or threading.get_ident() != self.thread or os.getpid() != self.arbiter_pid:
+            return self.molds.fork()
+        self.used = True
+        try:
+            self.pid = self._ask()
+            return self.pid
+        except Unavailable as exc:
+            self.molds.failed(self.arbiter, self.mold, str(exc), fallback=True)
+        except Exception:
+            _patch.disable(FEATURE)
+        self._close_go()
+        return self._plain_fork()
+
+    def _plain_fork(self):
+        pid = self.molds.fork()
+        if pid == 0:
+            gunicorn_arbiter.os = os
+        else:
+            self.molds.fallbacks += 1
+        return pid
+
+    def _ask(self):
+        worker = self.worker
+        if worker is None:
+            raise Unavailable("no worker object of ours to send")
+        attrs = worker_attrs(worker)
+        go_read, self.go = os.pipe()
+        try:
+            send(self.mold.sock, "spawn", {"age": getattr(worker, "age", 0), "attrs": attrs},
+                 fds=[worker.tmp.fileno(), go_read])
+        except OSError as exc:
+            raise Unavailable("cannot reach the mold: %s" % exc)
+        finally:
+            os.close(go_read)
+        try:
+            reply = receive(self.mold.sock, timeout=SPAWN_TIMEOUT)
+        except OSError as exc:
+            raise Unavailable("cannot reach the mold: %s" % exc)
+        if reply is None:
+            raise Unavailable("the mold exited")
+        kind, fields, fds = reply
+        close_fds(fds)
+        if kind == "spawned":
+            return int(fields["pid"])
+        if kind == "error":
+            raise Unavailable("the mold could not fork: %s" % fields.get("cause"))
+        raise Unavailable("unexpected answer %r" % kind)
+
+    def finish(self, workers):
+        """After gunicorn's spawn_worker: tell the worker it was recorded (or, by closing
+        the pipe unwritten, that it was not: it then exits)."""
+        if os.getpid() != self.arbiter_pid:
+            return
+        if self.pid is not None and self.pid in workers:
+            try:
+                os.write(self.go, b"1")
+            except OSError:
+                pass
+            self.molds.forked += 1
+            _log.debug("safe-gthread: worker %s forked from mold %s", self.pid, self.mold.pid)
+        self._close_go()
+
+    def _close_go(self):
+        if self.go is not None:
+            close_fds([self.go])
+            self.go = None
+
+
+class Molds(object):
+    """The arbiter's molds: at most one current, for the configuration in force. Only the
+    arbiter's main thread calls it."""
+
+    def __init__(self, clock=time.monotonic, fork=None, start=None):
+        self.clock = clock
+        self.fork = fork or os.fork
+        self._start_process = start or self._fork_mold
+        self.mold = None
+        self.generation = 0
+        self.failures = 0
+        self.retry_at = None
+        self.request = None
+        self.forked = 0
+        self.fallbacks = 0
+        self.off = None  # why the mold is off for this configuration (said once)
+        self.off_cfg = None
+
+    # -- every manage_workers ----------------------------------------------------------------
+    def tick(self, arbiter):
+        if not wanted():
+            self.stop()  # turned off by a HUP's configuration
+            return
+        if self._refused(arbiter):
+            return
+        mold = self.mold
+        if mold is not None:
+            self._poll(arbiter, mold)
+        mold = self.mold
+        if mold is not None and not mold.matches(arbiter):
+            _log.info("safe-gthread: mold %s retired (a new configuration or new "
+                      "listeners)", mold.pid)
+            self._retire(mold)
+            self.failures, self.retry_at = 0, None
+            mold = None
+        if mold is not None and mold.ready_at is None:
+            timeout = float(getattr(arbiter, "timeout", 0) or 0) or DEFAULT_LOAD_TIMEOUT
+            if self.clock() - mold.started > timeout:
+                self.failed(arbiter, mold, "not ready within %gs" % timeout)
+        if self.mold is None and not self.backing_off():
+            self._start(arbiter)
+
+    def _refused(self, arbiter):
+        """Settings of this configuration the mold cannot serve: one ERROR, then off."""
+        cfg = getattr(arbiter, "cfg", None)
+        if cfg is not None and cfg is self.off_cfg:
+            return self.off is not None
+        self.off_cfg, self.off = cfg, None
+        if getattr(cfg, "reload", False):
+            self.off = ("gunicorn's reload (the code reloader) imports the app in each "
+                        "worker")
+        elif getattr(cfg, "reuse_port", False):
+            self.off = "reuse_port is not supported with the mold yet"
+        if self.off is not None:
+            _log.error("safe-gthread: mold is off: %s; workers boot the normal way",
+                       self.off)
+            self.stop()
+            return True
+        return False
+
+    def backing_off(self):
+        return self.retry_at is not None and self.clock() < self.retry_at
+
+    def _poll(self, arbiter, mold):
+        while True:
+            try:
+                if not wait_readable(mold.sock, 0):
+                    return
+                message = receive(mold.sock)
+            except (OSError, ProtocolError, Unavailable) as exc:
+                self.failed(arbiter, mold, "its channel failed: %s" % exc)
+                return
+            if message is None:
+                self.failed(arbiter, mold, "it exited")
+                return
+            kind, fields, fds = message
+            close_fds(fds)
+            if kind == "ready" and mold.ready_at is None:
+                mold.ready_at = self.clock()
+                self.failures, self.retry_at = 0, None
+                _log.info("safe-gthread: mold %s ready (the app loaded in %.2fs): new "
+                          "workers are forked from it", mold.pid,
+                          float(fields.get("took") or 0.0))
+            elif kind == "failed":
+                self.failed(arbiter, mold, "it cannot load the app: %s" % fields.get("cause"))
+                return
+
+    def _start(self, arbiter):
+        self.generation += 1
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = self._start_process(arbiter, theirs, mine)
+        finally:
+            theirs.close()
+        self.mold = _MoldRef(pid, mine, getattr(arbiter, "cfg", None),
+                             list(getattr(arbiter, "LISTENERS", ()) or ()), self.clock(),
+                             self.generation)
+        return self.mold
+
+    def _fork_mold(self, arbiter, theirs, mine):
+        arbiter_pid = os.getpid()
+        pid = self.fork()
+        if pid == 0:
+            mine.close()
+            self.close_all()
+            Mold(arbiter, theirs, self.generation, arbiter_pid).run()
+        return pid
+
+    def failed(self, arbiter, mold, cause, fallback=False):
+        """The mold cannot serve: one ERROR, stop it, start another after the backoff."""
+        if mold is not self.mold:
+            return
+        self.failures += 1
+        backoff = min(BACKOFF_FIRST * 2 ** (self.failures - 1), BACKOFF_MAX)
+        self.retry_at = self.clock() + backoff
+        _log.error("safe-gthread: mold %s failed: %s; workers boot the normal way (fork + "
+                   "import)%s; a new mold in %.0fs", mold.pid, cause,
+                   ", this one included" if fallback else "", backoff)
+        self._retire(mold, kill=True)
+
+    def _retire(self, mold, kill=False):
+        if mold is self.mold:
+            self.mold = None
+        try:
+            mold.sock.close()  # the mold reads EOF and exits
+        except OSError:
+            pass
+        try:
+            os.kill(mold.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        except OSError:
+            pass  # gone already (gunicorn's reap_workers reaps it: an unknown child)
+
+    def stop(self, wait=0.0):
+        """The arbiter stops (or the feature is off): end the mold."""
+        mold = self.mold
+        if mold is None:
+            return
+        self._retire(mold)
+        deadline = self.clock() + wait
+        while wait and self.clock() < deadline:
+            try:
+                pid, _ = os.waitpid(mold.pid, os.WNOHANG)
+            except ChildProcessError:
+                return  # reaped (by gunicorn) or not ours
+            if pid:
+                return
+            time.sleep(0.01)
+
+    def close_all(self):
+        """In any child of the arbiter: the arbiter's end of the mold's socket is not
+        ours (a worker holding it would keep the mold from seeing the arbiter go)."""
+        mold = self.mold
+        if mold is not None:
+            try:
+                mold.sock.close()
+            except OSError:
+                pass
+
+    # -- Arbiter.spawn_worker ------------------------------------------------------------
+    def spawn(self, original, arbiter, *args, **kwargs):
+        mold = self.mold
+        if (mold is None or mold.ready_at is None or self.off is not None
+                or not mold.matches(arbiter) or not wanted()):
+            return original(arbiter, *args, **kwargs)
+        request = self.request = _Request(self, mold, arbiter)
+        gunicorn_arbiter.os = _OsWithFork(request.fork)
+        try:
+            return original(arbiter, *args, **kwargs)
+        finally:
+            gunicorn_arbiter.os = os
+            self.request = None
+            workers = getattr(arbiter, "WORKERS", {})
+            request.finish(workers)
+
+    def constructed(self, worker):
+        request = self.request
+        if request is not None and request.worker is None and (
+                threading.get_ident() == request.thread):
+            request.worker = worker
+
+
+# -- the patches (arbiter side) -------------------------------------------------------------
+def _manage_workers(original, self, *args, **kwargs):
+    molds = _state.get("molds")
+    if molds is not None:
+        molds.tick(self)
+    return original(self, *args, **kwargs)
+
+
+def _spawn_worker(original, self, *args, **kwargs):
+    molds = _state.get("molds")
+    if molds is None:
+        return original(self, *args, **kwargs)
+    return molds.spawn(original, self, *args, **kwargs)
+
+
+def _stop(original, self, *args, **kwargs):
+    molds = _state.get("molds")
+    if molds is not None:
+        molds.stop(wait=1.0)
+    return original(self, *args, **kwargs)
+
+
+_PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
+            ("stop", _stop))
+
+
+def wanted():
+    """The ``mold`` setting in force (a HUP may turn it off)."""
+    from . import _settings
+    try:
+        return bool(_settings.current().mold)
+    except _settings.SettingsError:
+        return False
+
+
+def constructed(worker):
+    """``Worker.__init__`` (in the arbiter, inside ``spawn_worker``): the object gunicorn
+    is about to fork for; nothing to do unless a spawn through the mold is under way."""
+    molds = _state.get("molds")
+    if molds is not None and molds.request is not None:
+        molds.constructed(worker)
+
+
+def _after_fork():
+    molds = _state.get("molds")
+    if molds is not None:
+        molds.close_all()
+
+
+def _on_disable():
+    molds = _state.get("molds")
+    if molds is not None:
+        molds.stop()
+        molds.off = "a fault turned it off"
+    if gunicorn_arbiter.os is not os:
+        gunicorn_arbiter.os = os
+
+
+def install(log=None, first=True):
+    """In the arbiter, when ``mold`` is on: patch the arbiter (idempotent). A platform or
+    gunicorn the mold does not support: at first start one line and exit 1 (a bad
+    setting), at a HUP one ERROR and the mold stays off."""
+    from . import _settings
+    log = log or _log
+    with _lock:
+        if _state:
+            return False
+        reason = unsupported()
+        if reason is not None:
+            message = "mold: %s; remove mold=True / SAFE_GTHREAD_MOLD" % reason
+            if first:
+                _settings.fail(message, log)
+            log.error("safe-gthread: %s; the mold stays off", message)
+            return False
+        set_child_subreaper(True)
+        _state["molds"] = Molds()
+        _patch.on_disable(FEATURE, _on_disable)
+        _patch.after_fork_in_child(_after_fork)
+        for name, impl in _PATCHES:
+            _patch.wrap(gunicorn_arbiter.Arbiter, name, impl, key=KEY, feature=FEATURE)
+        return True
+
+
+def uninstall():
+    with _lock:
+        molds = _state.pop("molds", None)
+        if molds is None:
+            return False
+        molds.stop()
+        for name, _ in _PATCHES:
+            _patch.unwrap(gunicorn_arbiter.Arbiter, name, key=KEY)
+        return True
+
+
+def installed():
+    return "molds" in _state and not _patch.feature_disabled(FEATURE)
+
+
+def current():
+    """The arbiter's Molds (tests, the boot line), or None."""
+    return _state.get("molds")
