@@ -595,9 +595,10 @@ class Molds(object):
     """The arbiter's molds: at most one current, for the configuration in force. Only the
     arbiter's main thread calls it."""
 
-    def __init__(self, clock=time.monotonic, fork=None, start=None):
+    def __init__(self, clock=time.monotonic, fork=None, start=None, kill=None):
         self.clock = clock
         self.fork = fork or os.fork
+        self.kill = kill or os.kill
         self._start_process = start or self._fork_mold
         self.mold = None
         self.generation = 0
@@ -719,7 +720,7 @@ class Molds(object):
         except OSError:
             pass
         try:
-            os.kill(mold.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            self.kill(mold.pid, signal.SIGKILL if kill else signal.SIGTERM)
         except OSError:
             pass  # gone already (gunicorn's reap_workers reaps it: an unknown child)
 

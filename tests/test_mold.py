@@ -1,0 +1,400 @@
+"""The mold (``mold=True``): workers forked from a warm per-generation template.
+
+In process: the protocol (messages and descriptors over a SOCK_SEQPACKET socketpair),
+the arbiter's side of a spawn against a fake mold (answered, timed out, gone, an error,
+a bug of ours), and the molds' lifecycle (start, ready, failure and backoff, a new
+configuration). End to end, on the gunicorn versions the mold supports: the workers it
+forks are the arbiter's children (reaped by it), never import the app, are ready in a
+fork's time, serve, and a clean stop leaves no process behind; elsewhere the setting is
+refused with one line.
+"""
+import logging
+import os
+import re
+import signal
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+from gunicorn import arbiter as gunicorn_arbiter
+
+from safe_gthread import _compat, _mold, _patch
+from safe_gthread.check import load as _load, procs as _procs
+
+SUPPORTED = _mold.unsupported() is None
+
+
+# -- the protocol --------------------------------------------------------------------------
+@pytest.fixture
+def pair():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_a_message_carries_fields_and_descriptors(pair):
+    ours, theirs = pair
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as tmp:
+        _mold.send(ours, "spawn", {"age": 7, "attrs": {"max_requests": 512}},
+                   fds=[tmp.fileno(), read_end])
+        kind, fields, fds = _mold.receive(theirs, timeout=1.0)
+        try:
+            assert kind == "spawn" and fields == {"age": 7, "attrs": {"max_requests": 512}}
+            assert len(fds) == 2 and not set(fds) & {tmp.fileno(), read_end}
+            # The same open files: the heartbeat file, and the "adopted" pipe.
+            os.pwrite(fds[0], b"sg", 0)
+            assert os.pread(tmp.fileno(), 2, 0) == b"sg"
+            os.write(write_end, b"1")
+            assert os.read(fds[1], 1) == b"1"
+        finally:
+            _mold.close_fds(fds + [read_end, write_end])
+
+
+def test_eof_timeout_and_garbage(pair):
+    ours, theirs = pair
+    with pytest.raises(_mold.Unavailable):
+        _mold.receive(theirs, timeout=0.05)
+    read_end, write_end = os.pipe()
+    ours.sendmsg([b"not json"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  __import__("array").array("i", [read_end]).tobytes())])
+    with pytest.raises(_mold.ProtocolError):
+        _mold.receive(theirs, timeout=1.0)
+    os.close(read_end)
+    # The descriptor that came with the garbage was closed: the pipe has no reader left.
+    with pytest.raises(BrokenPipeError):
+        os.write(write_end, b"x")
+    os.close(write_end)
+    ours.close()
+    assert _mold.receive(theirs, timeout=1.0) is None
+
+
+class ReadOnlyPid(object):
+    @property
+    def pid(self):  # gunicorn 19.x: a property
+        return os.getpid()
+
+
+def test_worker_attributes_are_the_plain_ones():
+    worker = ReadOnlyPid()
+    worker.age, worker.max_requests, worker.timeout = 3, 517, 15.0
+    worker.booted, worker.wsgi, worker.tmp, worker.note = False, None, object(), "x"
+    attrs = _mold.worker_attrs(worker)
+    assert attrs == {"age": 3, "max_requests": 517, "timeout": 15.0, "booted": False,
+                     "wsgi": None, "note": "x"}
+    other = ReadOnlyPid()
+    _mold.apply_attrs(other, dict(attrs, pid=99))
+    assert other.max_requests == 517 and other.pid == os.getpid()
+
+
+# -- the arbiter's side of a spawn, against a fake mold ----------------------------------------
+class FakeWorker(object):
+    def __init__(self, age):
+        self.age = age
+        self.max_requests = 100 + age
+        self.tmp = tempfile.TemporaryFile()
+
+
+class FakeArbiter(object):
+    """gunicorn's spawn_worker, in the shape that matters: build the worker (which tells
+    the molds), pre_fork, ``os.fork()`` looked up on gunicorn.arbiter, record the pid."""
+
+    def __init__(self):
+        self.cfg = object()
+        self.LISTENERS = [object()]
+        self.WORKERS = {}
+        self.worker_age = 0
+        self.timeout = 30
+
+    def spawn_worker(self):
+        self.worker_age += 1
+        worker = FakeWorker(self.worker_age)
+        _mold.constructed(worker)
+        pid = gunicorn_arbiter.os.fork()
+        assert pid != 0, "a unit test must never really fork"
+        self.WORKERS[pid] = worker
+        return pid
+
+
+class FakeMold(threading.Thread):
+    """Answers one SPAWN as told: ("spawned", pid), ("error", cause), "hang", "exit"."""
+
+    def __init__(self, sock, answer):
+        super().__init__()
+        self.daemon = True
+        self.sock, self.answer = sock, answer
+        self.request = None
+        self.adopted = None
+
+    def run(self):
+        message = _mold.receive(self.sock, timeout=5.0)
+        kind, fields, fds = message
+        self.request = (kind, fields)
+        tmp_fd, go_fd = fds
+        os.pwrite(tmp_fd, b"mold", 0)  # the worker writes to the arbiter's own file
+        if self.answer == "exit":
+            self.sock.close()
+        elif self.answer == "hang":
+            time.sleep(0.3)
+        else:
+            _mold.send(self.sock, self.answer[0], self.answer[1])
+        self.adopted = os.read(go_fd, 1)  # the arbiter's word, or b"" (EOF)
+        _mold.close_fds(fds)
+
+
+@pytest.fixture
+def molds(monkeypatch, caplog):
+    """Molds with a ready fake mold process; real forks and kills replaced."""
+    monkeypatch.setattr(_patch, "_process", [None])
+    monkeypatch.setattr(_patch, "_on_disable", {})
+    monkeypatch.setattr(_mold, "SPAWN_TIMEOUT", 0.1)
+    monkeypatch.setattr(_mold, "wanted", lambda: True)
+    caplog.set_level(logging.INFO, logger="gunicorn.error")
+    forks, kills = [], []
+    arbiter = FakeArbiter()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    now = [100.0]
+
+    starts, kept = [], []
+
+    def start(arbiter_, theirs_, mine_):
+        kept.append(theirs_.dup())  # the mold's end, as a forked mold would hold it
+        starts.append(arbiter_)
+        return 4000 + len(starts)
+    state = _mold.Molds(clock=lambda: now[0], fork=lambda: forks.append(1) or 777,
+                        start=start,
+                        kill=lambda pid, sig: kills.append((pid, sig)))
+    state.mold = _mold._MoldRef(4000, ours, arbiter.cfg, list(arbiter.LISTENERS), now[0], 1)
+    state.mold.ready_at = now[0]
+    monkeypatch.setitem(_mold._state, "molds", state)
+    yield {"state": state, "arbiter": arbiter, "theirs": theirs, "forks": forks,
+           "kills": kills, "now": now, "starts": starts, "caplog": caplog}
+    theirs.close()
+    ours.close()
+    for sock in kept:
+        sock.close()
+    assert gunicorn_arbiter.os is os
+
+
+def spawn(m):
+    arbiter = m["arbiter"]
+    return m["state"].spawn(lambda self: self.spawn_worker(), arbiter)
+
+
+def test_a_spawn_through_the_mold(molds):
+    mold = FakeMold(molds["theirs"], ("spawned", {"pid": 4242}))
+    mold.start()
+    assert spawn(molds) == 4242
+    mold.join(5)
+    kind, fields = mold.request
+    worker = molds["arbiter"].WORKERS[4242]
+    assert kind == "spawn" and fields["age"] == 1 and fields["attrs"]["max_requests"] == 101
+    assert os.pread(worker.tmp.fileno(), 4, 0) == b"mold"
+    assert mold.adopted == b"1"  # told it was recorded: it may serve
+    assert molds["forks"] == [] and molds["state"].forked == 1
+    assert molds["state"].mold is not None
+
+
+@pytest.mark.parametrize("answer, cause", [
+    ("hang", "no answer within"), ("exit", "the mold exited"),
+    (("error", {"cause": "OSError: fork"}), "could not fork: OSError: fork")])
+def test_a_mold_that_cannot_answer_boots_the_worker_the_normal_way(molds, answer, cause):
+    mold = FakeMold(molds["theirs"], answer)
+    mold.start()
+    assert spawn(molds) == 777  # the real fork's pid: gunicorn's own spawn goes on
+    mold.join(5)
+    assert molds["forks"] == [1] and 777 in molds["arbiter"].WORKERS
+    assert mold.adopted == b""  # a late worker from that mold is told to leave
+    state = molds["state"]
+    assert state.mold is None
+    assert molds["kills"] == [(4000, signal.SIGKILL)]
+    errors = [r.getMessage() for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and cause in errors[0] and "a new mold in 1s" in errors[0]
+    # Backing off: no new mold until the second has passed, then one.
+    state.tick(molds["arbiter"])
+    assert molds["starts"] == []
+    molds["now"][0] += 1.5
+    state.tick(molds["arbiter"])
+    assert len(molds["starts"]) == 1 and state.mold.pid == 4001 and state.mold.ready_at is None
+
+
+def test_a_bug_of_ours_turns_the_mold_off(molds, monkeypatch):
+    monkeypatch.setattr(_mold, "worker_attrs", lambda worker: 1 / 0)
+    assert spawn(molds) == 777
+    assert _patch.feature_disabled(_mold.FEATURE)
+    errors = [r for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "mold failed and is off" in errors[0].getMessage()
+    assert errors[0].exc_info is not None
+
+
+def test_no_ready_mold_means_gunicorn_own_spawn(molds):
+    state = molds["state"]
+    state.mold.ready_at = None
+    calls = []
+    assert state.spawn(lambda self: calls.append(gunicorn_arbiter.os) or 5, molds["arbiter"]) == 5
+    assert calls == [os]
+
+
+def test_a_new_configuration_retires_the_mold(molds):
+    state, arbiter = molds["state"], molds["arbiter"]
+    arbiter.cfg = object()  # what a HUP does
+    state.tick(arbiter)
+    assert molds["kills"] == [(4000, signal.SIGTERM)]
+    assert len(molds["starts"]) == 1 and state.mold.cfg is arbiter.cfg
+    # So do new listeners (healing rebound the socket).
+    state.mold.ready_at = molds["now"][0]
+    arbiter.LISTENERS = [object()]
+    state.tick(arbiter)
+    assert len(molds["starts"]) == 2 and state.mold.listeners == arbiter.LISTENERS
+
+
+def test_ready_failed_and_load_timeout(molds):
+    state, arbiter, theirs = molds["state"], molds["arbiter"], molds["theirs"]
+    state.mold.ready_at = None
+    _mold.send(theirs, "ready", {"pid": 4000, "took": 1.5})
+    state.tick(arbiter)
+    assert state.mold.ready_at == molds["now"][0]
+    state.mold.ready_at = None
+    _mold.send(theirs, "failed", {"cause": "ImportError: no module named web (web.py:1)"})
+    state.tick(arbiter)
+    assert state.mold is None and molds["kills"] == [(4000, signal.SIGKILL)]
+    errors = [r.getMessage() for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert "cannot load the app: ImportError" in errors[-1]
+    molds["now"][0] += 1.5
+    state.tick(arbiter)  # a new one, after the backoff
+    molds["now"][0] += arbiter.timeout + 1
+    state.tick(arbiter)
+    assert "not ready within 30s" in molds["caplog"].records[-1].getMessage()
+
+
+def test_reload_turns_the_mold_off_with_one_line(molds):
+    class Cfg(object):
+        reload = True
+        reuse_port = False
+    state, arbiter = molds["state"], molds["arbiter"]
+    arbiter.cfg = Cfg()
+    state.tick(arbiter)
+    state.tick(arbiter)
+    errors = [r.getMessage() for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "mold is off: gunicorn's reload" in errors[0]
+    assert state.mold is None and molds["starts"] == []
+
+
+def test_unsupported_says_why_in_one_line():
+    reason = _mold.unsupported()
+    if _compat.GUNICORN_VERSION in _mold.TESTED_GUNICORN and os.uname()[0] == "Linux":
+        assert reason is None
+    else:
+        assert reason and "\n" not in reason
+
+
+# -- end to end ------------------------------------------------------------------------------
+MOLD_CONFIG = ["import safe_gthread", "safe_gthread.configure(mold=True)"]
+_FORKED = re.compile(r"worker (\d+) forked from mold (\d+)")
+_READY_AFTER_FORK = re.compile(r"worker (\d+) ready ([\d.]+)s after its fork")
+_MOLD_READY = re.compile(r"mold (\d+) ready")
+
+
+def _state_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError):
+        return None, None
+
+
+def _group(pgid):
+    return sorted(pid for pid, _, group, _ in _procs.live_processes() if group == pgid)
+
+
+def _wait(predicate, timeout, what, server):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for %s\n%s" % (what, server.log()))
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    monkeypatch.setenv("SAFE_GTHREAD_APP_BOOT_SLEEP", "2")
+    monkeypatch.setenv("SAFE_GTHREAD_APP_READY_DIR", str(imported))
+    server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
+    arbiter = server.proc.pid
+    _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
+    mold = int(_MOLD_READY.search(server.errorlog()).group(1))
+    assert _state_of(mold)[1] == arbiter
+
+    failed = 0
+    for _ in range(80):
+        try:
+            failed += _load.request(server.address, timeout=5.0)[0] != 200
+        except (OSError, EOFError, ValueError):
+            failed += 1
+    assert failed == 0
+    _wait(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 10,
+          "four workers forked from the mold", server)
+    log = server.errorlog()
+    forked = [int(pid) for pid, source in _FORKED.findall(log) if int(source) == mold]
+    assert len(forked) >= 4
+    ready = dict((int(pid), float(took)) for pid, took in _READY_AFTER_FORK.findall(log))
+    for pid in forked:
+        assert "Booting worker with pid: %d" % pid in log
+        # Never imported the app (the mold did, once), ready in a fork's time, not an
+        # import's (2 s here: the first workers took that long).
+        assert not (imported / str(pid)).exists()
+        assert ready[pid] < 1.0, (pid, ready[pid])
+        state, parent = _state_of(pid)
+        assert state is None or parent == arbiter, (pid, state, parent)
+    assert (imported / str(mold)).exists()
+    # The workers that retired were reaped by the arbiter (no zombies left behind).
+    exited = [int(pid) for pid in re.findall(r"Worker exiting \(pid: (\d+)\)", log)]
+    assert set(forked) & set(exited)
+    _wait(lambda: all(_state_of(pid)[0] is None for pid in exited), 10,
+          "the retired workers to be reaped", server)
+    assert server.tracebacks() == 0
+    assert not re.search(r"\[ERROR\]", log), log
+
+    # A clean stop: the arbiter, its workers and the mold are all gone.
+    server.signal(signal.SIGTERM)
+    server.wait_exit(30)
+    _wait(lambda: not _group(arbiter), 10, "every process of the group to exit", server)
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_a_killed_mold_is_replaced(gunicorn_server, monkeypatch):
+    monkeypatch.setenv("SAFE_GTHREAD_APP_BOOT_SLEEP", "0.5")
+    server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
+    _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
+    first = int(_MOLD_READY.search(server.errorlog()).group(1))
+    os.kill(first, signal.SIGKILL)
+    failed = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(set(_MOLD_READY.findall(server.errorlog()))) < 2:
+        try:
+            failed += _load.request(server.address, timeout=5.0)[0] != 200
+        except (OSError, EOFError, ValueError):
+            failed += 1
+    molds = [int(pid) for pid in _MOLD_READY.findall(server.errorlog())]
+    assert len(set(molds)) >= 2 and molds[-1] != first, server.log()
+    assert failed == 0
+    errors = re.findall(r"\[ERROR\] (.*)", server.errorlog())
+    assert len(errors) == 1 and "mold %d failed: it exited" % first in errors[0]
+    assert server.tracebacks() == 0
+
+
+def test_the_setting_is_refused_in_one_line_where_unsupported(gunicorn_server):
+    if SUPPORTED:
+        pytest.skip("the mold is supported here (gunicorn %s)" % _compat.GUNICORN_VERSION)
+    server = gunicorn_server("safe", wait=False, config=MOLD_CONFIG)
+    assert server.wait_exit(30) == 1
+    lines = [line for line in server.log().splitlines() if "safe-gthread: mold:" in line]
+    assert lines and "gunicorn %s" % _compat.GUNICORN_VERSION in lines[0]
+    assert server.tracebacks() == 0
