@@ -61,7 +61,7 @@ PR_GET_CHILD_SUBREAPER = 37
 
 #: gunicorn versions the mold has been run end to end on (tests/test_mold.py). Others are
 #: refused at start with one line, until they have been.
-TESTED_GUNICORN = ("27.0.1",)
+TESTED_GUNICORN = ("19.6.0", "20.1.0", "23.0.0", "24.1.1", "25.1.0", "27.0.1")
 
 #: The arbiter waits this long for the mold's answer to a SPAWN (a fork of a big process
 #: takes tens of milliseconds), then boots that worker the normal way.
@@ -71,6 +71,8 @@ SPAWN_TIMEOUT = 5.0
 ADOPT_TIMEOUT = 30.0
 #: A mold that dies or cannot load the app is started again after 1 s, doubling to 60 s.
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+#: A failed mold that a SIGTERM did not end within this many seconds gets SIGKILL.
+KILL_AFTER = 5.0
 #: A mold not ready within gunicorn's ``timeout`` (or this, when that is 0) is killed.
 DEFAULT_LOAD_TIMEOUT = 120.0
 
@@ -276,6 +278,7 @@ class Mold(object):
         self.generation = generation
         self.arbiter_pid = arbiter_pid
         self.pid = None
+        self.reopen = False
         self.spawn = _innermost(gunicorn_arbiter.Arbiter.spawn_worker)
 
     def run(self):
@@ -290,6 +293,9 @@ class Mold(object):
                 if message is None:
                     return  # the arbiter closed its end: this generation is over
                 kind, fields, fds = message
+                if self.reopen:  # USR1 (log rotation): the workers forked next log here
+                    self.reopen = False
+                    self.arbiter.log.reopen_files()
                 if kind == "spawn":
                     self._spawn(fields, fds, log)
                 else:
@@ -318,6 +324,7 @@ class Mold(object):
             signal.signal(number, signal.SIG_IGN if number != signal.SIGCHLD else signal.SIG_DFL)
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(number, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         try:
             signal.set_wakeup_fd(-1)
         except (ValueError, AttributeError):
@@ -334,6 +341,9 @@ class Mold(object):
             util._setproctitle("safe-gthread mold [%s]" % getattr(arbiter, "proc_name", ""))
         except Exception:
             pass
+
+    def _on_usr1(self, signum, frame):
+        self.reopen = True
 
     def _on_stop(self, signum, frame):
         if os.getpid() == self.pid:
@@ -482,6 +492,21 @@ def _wait_for(pid):
             continue
 
 
+def _still_our_mold(arbiter, pid, current):
+    """Is ``pid`` still a retired mold of this arbiter (alive, our child, no worker, not
+    the current mold, not a USR2 master)? Its pid may have been reaped and reused."""
+    if pid in getattr(arbiter, "WORKERS", {}) or pid == getattr(arbiter, "reexec_pid", 0):
+        return False
+    if current is not None and current.pid == pid:
+        return False
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z" and int(fields[1]) == os.getpid()
+
+
 # -- the arbiter's side ---------------------------------------------------------------------
 class _MoldRef(object):
     """One mold process, as the arbiter sees it."""
@@ -607,6 +632,7 @@ class Molds(object):
         self.request = None
         self.forked = 0
         self.fallbacks = 0
+        self.stubborn = {}  # pid -> when to SIGKILL a retired mold that is still there
         self.off = None  # why the mold is off for this configuration (said once)
         self.off_cfg = None
 
@@ -615,6 +641,8 @@ class Molds(object):
         if not wanted():
             self.stop()  # turned off by a HUP's configuration
             return
+        if self.stubborn:
+            self._kill_stubborn(arbiter)
         if self._refused(arbiter):
             return
         mold = self.mold
@@ -713,16 +741,34 @@ class Molds(object):
         self._retire(mold, kill=True)
 
     def _retire(self, mold, kill=False):
+        """Close the mold's socket (it reads EOF and exits) and TERM it (it exits with
+        0 at once: gunicorn <= 23 logs an ERROR for any child that a signal killed, as if
+        it were a worker). ``kill``: SIGKILL it if it is still there ``KILL_AFTER``
+        seconds later (hung in the app's import, or not answering)."""
         if mold is self.mold:
             self.mold = None
         try:
-            mold.sock.close()  # the mold reads EOF and exits
+            mold.sock.close()
         except OSError:
             pass
         try:
-            self.kill(mold.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            self.kill(mold.pid, signal.SIGTERM)
         except OSError:
-            pass  # gone already (gunicorn's reap_workers reaps it: an unknown child)
+            return  # gone already (gunicorn's reap_workers reaps it: an unknown child)
+        if kill:
+            self.stubborn[mold.pid] = self.clock() + KILL_AFTER
+
+    def _kill_stubborn(self, arbiter):
+        now = self.clock()
+        for pid, deadline in list(self.stubborn.items()):
+            if now < deadline:
+                continue
+            del self.stubborn[pid]
+            if _still_our_mold(arbiter, pid, self.mold):
+                try:
+                    self.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def stop(self, wait=0.0):
         """The arbiter stops (or the feature is off): end the mold."""
@@ -739,6 +785,14 @@ class Molds(object):
             if pid:
                 return
             time.sleep(0.01)
+
+    def signal(self, number):
+        mold = self.mold
+        if mold is not None:
+            try:
+                self.kill(mold.pid, number)
+            except OSError:
+                pass
 
     def close_all(self):
         """In any child of the arbiter: the arbiter's end of the mold's socket is not
@@ -795,8 +849,16 @@ def _stop(original, self, *args, **kwargs):
     return original(self, *args, **kwargs)
 
 
+def _handle_usr1(original, self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    molds = _state.get("molds")
+    if molds is not None:
+        molds.signal(signal.SIGUSR1)  # reopen the log files the next workers inherit
+    return result
+
+
 _PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
-            ("stop", _stop))
+            ("stop", _stop), ("handle_usr1", _handle_usr1))
 
 
 def wanted():
