@@ -511,7 +511,8 @@ def _still_our_mold(arbiter, pid, current):
 class _MoldRef(object):
     """One mold process, as the arbiter sees it."""
 
-    __slots__ = ("pid", "sock", "cfg", "listeners", "started", "ready_at", "generation")
+    __slots__ = ("pid", "sock", "cfg", "listeners", "started", "ready_at", "generation",
+                 "awaited")
 
     def __init__(self, pid, sock, cfg, listeners, started, generation):
         self.pid = pid
@@ -521,6 +522,7 @@ class _MoldRef(object):
         self.started = started
         self.ready_at = None
         self.generation = generation
+        self.awaited = False  # a spawn has waited for it to load (once per mold)
 
     def matches(self, arbiter):
         """Made for the configuration and the listeners the arbiter has now? A HUP loads
@@ -656,7 +658,7 @@ class Molds(object):
             self.failures, self.retry_at = 0, None
             mold = None
         if mold is not None and mold.ready_at is None:
-            timeout = float(getattr(arbiter, "timeout", 0) or 0) or DEFAULT_LOAD_TIMEOUT
+            timeout = self.load_timeout(arbiter)
             if self.clock() - mold.started > timeout:
                 self.failed(arbiter, mold, "not ready within %gs" % timeout)
         if self.mold is None and not self.backing_off():
@@ -683,11 +685,14 @@ class Molds(object):
     def backing_off(self):
         return self.retry_at is not None and self.clock() < self.retry_at
 
-    def _poll(self, arbiter, mold):
+    def _poll(self, arbiter, mold, timeout=0.0):
+        """Read what the mold said; with ``timeout``, wait that long for its first word
+        (ready, failed, or its exit)."""
         while True:
             try:
-                if not wait_readable(mold.sock, 0):
+                if not wait_readable(mold.sock, timeout):
                     return
+                timeout = 0.0
                 message = receive(mold.sock)
             except (OSError, ProtocolError, Unavailable) as exc:
                 self.failed(arbiter, mold, "its channel failed: %s" % exc)
@@ -806,9 +811,8 @@ class Molds(object):
 
     # -- Arbiter.spawn_worker ------------------------------------------------------------
     def spawn(self, original, arbiter, *args, **kwargs):
-        mold = self.mold
-        if (mold is None or mold.ready_at is None or self.off is not None
-                or not mold.matches(arbiter) or not wanted()):
+        mold = self._for_spawn(arbiter)
+        if mold is None:
             return original(arbiter, *args, **kwargs)
         request = self.request = _Request(self, mold, arbiter)
         gunicorn_arbiter.os = _OsWithFork(request.fork)
@@ -819,6 +823,44 @@ class Molds(object):
             self.request = None
             workers = getattr(arbiter, "WORKERS", {})
             request.finish(workers)
+
+    def _for_spawn(self, arbiter):
+        """The ready mold this spawn goes through, or None (gunicorn's own spawn).
+
+        A new generation's first spawn (at start, or inside gunicorn's reload, which
+        spawns before the next ``manage_workers``) starts the generation's mold if need
+        be and waits for it to load, at most its load timeout: the arbiter waits as long
+        as one import, and the generation's workers are then forks of the mold instead of
+        importing each. Later spawns do not wait: a mold that is not ready (restarting
+        after a failure) means the normal boot."""
+        if not wanted() or self._refused(arbiter):
+            return None
+        mold = self.mold
+        if mold is not None and not mold.matches(arbiter):
+            _log.info("safe-gthread: mold %s retired (a new configuration or new "
+                      "listeners)", mold.pid)
+            self._retire(mold)
+            self.failures, self.retry_at = 0, None
+            mold = None
+        if mold is None and not self.backing_off():
+            mold = self._start(arbiter)
+        if mold is None:
+            return None
+        if mold.ready_at is None and not mold.awaited:
+            mold.awaited = True
+            wait = self.load_timeout(arbiter) - (self.clock() - mold.started)
+            if wait > 0:
+                self._poll(arbiter, mold, timeout=wait)
+            if mold is self.mold and mold.ready_at is None:
+                self.failed(arbiter, mold, "not ready within %gs" % self.load_timeout(arbiter),
+                            fallback=True)
+        if mold is not self.mold or mold.ready_at is None:
+            return None
+        return mold
+
+    @staticmethod
+    def load_timeout(arbiter):
+        return float(getattr(arbiter, "timeout", 0) or 0) or DEFAULT_LOAD_TIMEOUT
 
     def constructed(self, worker):
         request = self.request

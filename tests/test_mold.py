@@ -171,7 +171,7 @@ def molds(monkeypatch, caplog):
     state.mold.ready_at = now[0]
     monkeypatch.setitem(_mold._state, "molds", state)
     yield {"state": state, "arbiter": arbiter, "theirs": theirs, "forks": forks,
-           "kills": kills, "now": now, "starts": starts, "caplog": caplog}
+           "kills": kills, "now": now, "starts": starts, "caplog": caplog, "kept": kept}
     theirs.close()
     ours.close()
     for sock in kept:
@@ -233,9 +233,36 @@ def test_a_bug_of_ours_turns_the_mold_off(molds, monkeypatch):
 def test_no_ready_mold_means_gunicorn_own_spawn(molds):
     state = molds["state"]
     state.mold.ready_at = None
+    state.mold.awaited = True  # a later spawn: it does not wait for the mold
     calls = []
     assert state.spawn(lambda self: calls.append(gunicorn_arbiter.os) or 5, molds["arbiter"]) == 5
     assert calls == [os]
+
+
+def test_a_new_generation_first_spawn_waits_for_its_mold(molds):
+    """At start, and inside gunicorn's reload (which spawns before any manage_workers):
+    the first spawn starts the generation's mold and waits for it to load."""
+    state, arbiter = molds["state"], molds["arbiter"]
+    arbiter.cfg = object()  # a HUP's new configuration
+    answered = []
+
+    def mold_process():
+        deadline = time.monotonic() + 5
+        while not molds["kept"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # loading the app
+        sock = molds["kept"][0]
+        _mold.send(sock, "ready", {"pid": 4001, "took": 0.1})
+        fake = FakeMold(sock, ("spawned", {"pid": 5151}))
+        fake.run()
+        answered.append(fake)
+    thread = threading.Thread(target=mold_process)
+    thread.start()
+    assert spawn(molds) == 5151
+    thread.join(5)
+    assert molds["kills"] == [(4000, signal.SIGTERM)]  # the previous generation's mold
+    assert state.mold.pid == 4001 and state.mold.cfg is arbiter.cfg
+    assert answered and answered[0].adopted == b"1" and molds["forks"] == []
 
 
 def test_a_new_configuration_retires_the_mold(molds):
