@@ -933,6 +933,10 @@ def _on_disable():
         molds.off = "a fault turned it off"
     if gunicorn_arbiter.os is not os:
         gunicorn_arbiter.os = os
+    try:
+        set_child_subreaper(False)  # orphans go to init again, as without the mold
+    except (OSError, AttributeError):
+        pass
 
 
 def install(log=None, first=True):

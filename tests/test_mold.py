@@ -449,3 +449,71 @@ def test_the_setting_is_refused_in_one_line_where_unsupported(gunicorn_server):
     lines = [line for line in server.log().splitlines() if "safe-gthread: mold:" in line]
     assert lines and "gunicorn %s" % _compat.GUNICORN_VERSION in lines[0]
     assert server.tracebacks() == 0
+
+
+_WEB = '''import os
+import time
+
+time.sleep(1.0)
+VERSION = %r
+if os.path.exists("broken"):
+    raise RuntimeError("broken deploy")
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(VERSION)))])
+    return [VERSION]
+'''
+
+
+def _versions(server, count=6):
+    seen = []
+    for _ in range(count):
+        status, _, body = _load.request(server.address, timeout=5.0)
+        seen.append(body if status == 200 else status)
+    return seen
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
+    source = tmp_path / "web.py"
+    source.write_text(_WEB % b"v1")
+    server = gunicorn_server("safe", app="web:app", files=[str(source)], loglevel="debug",
+                             config=MOLD_CONFIG)
+    assert set(_versions(server)) == {b"v1"}
+    first = int(_MOLD_READY.search(server.errorlog()).group(1))
+
+    with open(os.path.join(server.directory, "web.py"), "w") as fh:
+        fh.write(_WEB % b"v2")
+    server.reload()
+    assert set(_versions(server)) == {b"v2"}
+    molds = [int(pid) for pid in _MOLD_READY.findall(server.errorlog())]
+    second = molds[-1]
+    assert second != first
+    _wait(lambda: _state_of(first)[0] is None, 10, "the first mold to exit", server)
+    new_workers = server.worker_pids()
+    forked = dict((int(pid), int(mold)) for pid, mold in _FORKED.findall(server.errorlog()))
+    assert new_workers and all(forked.get(pid) == second for pid in new_workers)
+
+    # Broken code on disk and a HUP: the new mold cannot load it (one ERROR naming the
+    # cause), the workers of the previous generation keep serving v2.
+    open(os.path.join(server.directory, "broken"), "w").close()
+    with open(os.path.join(server.directory, "web.py"), "w") as fh:
+        fh.write(_WEB % b"v3")
+    server.signal(signal.SIGHUP)
+    _wait(lambda: "cannot load the app: RuntimeError: broken deploy" in server.errorlog(),
+          20, "the new mold's failure", server)
+    assert set(_versions(server, 20)) == {b"v2"}
+    assert server.proc.poll() is None
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_a_fault_of_ours_leaves_gunicorn_spawning_as_stock(gunicorn_server, monkeypatch):
+    monkeypatch.setenv(_patch.ENV_TEST_FAULT, "mold")
+    server = gunicorn_server("safe", max_requests=10, config=MOLD_CONFIG)
+    assert set(_versions(server, 30)) == {b"Hello World"}
+    errors = re.findall(r"\[ERROR\] (.*)", server.errorlog())
+    assert len(errors) == 1 and "mold failed and is off" in errors[0], errors
+    assert server.restarts() >= 2
+    assert "forked from mold" not in server.errorlog()
