@@ -59,9 +59,28 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 
-#: gunicorn versions the mold has been run end to end on (tests/test_mold.py). Others are
-#: refused at start with one line, until they have been.
-TESTED_GUNICORN = ("19.6.0", "20.1.0", "23.0.0", "24.1.1", "25.1.0", "27.0.1")
+#: The gunicorn versions the mold has been run end to end on (tests/test_mold.py, one
+#: matrix cell each): every line from the original report's 19.6.0 to the newest. A
+#: version between the oldest and the newest is allowed (its ``spawn_worker`` must still
+#: have the shape checked in :func:`unsupported`); a newer one runs with one WARNING
+#: (upgrading gunicorn must not stop a server from starting); an older one is refused.
+TESTED_GUNICORN = ("19.6.0", "19.9.0", "20.1.0", "21.2.0", "23.0.0", "24.1.1", "25.1.0",
+                   "26.2.0", "27.0.0", "27.0.1")
+
+
+def _version(text):
+    parts = []
+    for part in str(text).split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
 
 #: The arbiter waits this long for the mold's answer to a SPAWN (a fork of a big process
 #: takes tens of milliseconds), then boots that worker the normal way.
@@ -123,9 +142,10 @@ def unsupported():
     """Why the mold cannot run in this process (one line), or None."""
     if not sys.platform.startswith("linux"):
         return "it needs Linux (PR_SET_CHILD_SUBREAPER); this is %s" % sys.platform
-    if _compat.GUNICORN_VERSION not in TESTED_GUNICORN:
-        return ("it is not supported on gunicorn %s yet (supported: %s)"
-                % (_compat.GUNICORN_VERSION, ", ".join(TESTED_GUNICORN)))
+    version = _version(_compat.GUNICORN_VERSION)
+    if not version or version < _version(TESTED_GUNICORN[0]):
+        return ("it is not supported on gunicorn %s (supported: %s - %s)"
+                % (_compat.GUNICORN_VERSION, TESTED_GUNICORN[0], TESTED_GUNICORN[-1]))
     spawn = _innermost(getattr(gunicorn_arbiter.Arbiter, "spawn_worker", None))
     names = _compat._names_used(spawn)
     missing = [name for name in ("fork", "worker_class", "pre_fork") if name not in names]
@@ -955,6 +975,10 @@ def install(log=None, first=True):
                 _settings.fail(message, log)
             log.error("safe-gthread: %s; the mold stays off", message)
             return False
+        if _version(_compat.GUNICORN_VERSION) > _version(TESTED_GUNICORN[-1]):
+            log.warning("safe-gthread: mold: not tested on gunicorn %s (tested: %s - %s); "
+                        "its spawn_worker has the shape the mold needs, so it is on",
+                        _compat.GUNICORN_VERSION, TESTED_GUNICORN[0], TESTED_GUNICORN[-1])
         set_child_subreaper(True)
         _state["molds"] = Molds()
         _patch.on_disable(FEATURE, _on_disable)

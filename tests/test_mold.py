@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -323,12 +324,30 @@ def test_reload_turns_the_mold_off_with_one_line(molds):
     assert state.mold is None and molds["starts"] == []
 
 
-def test_unsupported_says_why_in_one_line():
+def test_unsupported_says_why_in_one_line(monkeypatch):
     reason = _mold.unsupported()
     if _compat.GUNICORN_VERSION in _mold.TESTED_GUNICORN and os.uname()[0] == "Linux":
         assert reason is None
     else:
         assert reason and "\n" not in reason
+    # Older than the oldest tested: refused, naming the version. Between the tested
+    # ones, or newer (with a WARNING at install): allowed, the shape permitting.
+    monkeypatch.setattr(_compat, "GUNICORN_VERSION", "19.5.0")
+    assert "gunicorn 19.5.0 (supported: 19.6.0 - 27.0.1)" in _mold.unsupported()
+    for version in ("22.0.0", "28.1.0b1"):
+        monkeypatch.setattr(_compat, "GUNICORN_VERSION", version)
+        assert _mold.unsupported() == reason
+    assert _mold._version("28.1.0b1") == (28, 1, 0) and _mold._version("x") == ()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the mold needs Linux")
+def test_a_spawn_worker_of_another_shape_is_refused(monkeypatch):
+    def spawn_worker(self):
+        return self.start_worker()  # a future gunicorn that spawns some other way
+    monkeypatch.setattr(gunicorn_arbiter.Arbiter, "spawn_worker", spawn_worker)
+    reason = _mold.unsupported()
+    assert "Arbiter.spawn_worker is not the shape it knows (no fork, worker_class, " \
+        "pre_fork)" in reason
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -442,13 +461,18 @@ def test_a_killed_mold_is_replaced(gunicorn_server, monkeypatch):
 
 
 def test_the_setting_is_refused_in_one_line_where_unsupported(gunicorn_server):
-    if SUPPORTED:
-        pytest.skip("the mold is supported here (gunicorn %s)" % _compat.GUNICORN_VERSION)
-    server = gunicorn_server("safe", wait=False, config=MOLD_CONFIG)
+    """Every cell runs a gunicorn the mold supports: the config file makes this one look
+    older than the oldest, which the arbiter refuses when it loads the worker class."""
+    server = gunicorn_server("safe", wait=False, config=[
+        "import safe_gthread._compat", "safe_gthread._compat.GUNICORN_VERSION = '19.5.0'"]
+        + MOLD_CONFIG)
     assert server.wait_exit(30) == 1
     lines = [line for line in server.log().splitlines() if "safe-gthread: mold:" in line]
-    assert lines and "gunicorn %s" % _compat.GUNICORN_VERSION in lines[0]
+    assert lines and lines[0].endswith(
+        "Error: safe-gthread: mold: it is not supported on gunicorn 19.5.0 (supported: "
+        "19.6.0 - 27.0.1); remove mold=True / SAFE_GTHREAD_MOLD"), lines
     assert server.tracebacks() == 0
+    assert not os.path.exists(server.sock_path)  # refused before it bound
 
 
 _WEB = '''import os
