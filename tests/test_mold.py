@@ -541,3 +541,34 @@ def test_a_fault_of_ours_leaves_gunicorn_spawning_as_stock(gunicorn_server, monk
     assert len(errors) == 1 and "mold failed and is off" in errors[0], errors
     assert server.restarts() >= 2
     assert "forked from mold" not in server.errorlog()
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_gunicorn_timeout_ttin_ttou_and_quit_reach_forked_workers(gunicorn_server):
+    server = gunicorn_server("safe", timeout=2, loglevel="debug", config=MOLD_CONFIG)
+    arbiter = server.proc.pid
+    forked = lambda: [int(pid) for pid, _ in _FORKED.findall(server.errorlog())]
+    assert sorted(forked()) == sorted(server.worker_pids())  # the first ones too
+
+    # A worker whose heartbeat stops (SIGSTOP) is killed by gunicorn's timeout.
+    victim = server.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    _wait(lambda: "WORKER TIMEOUT (pid:%d)" % victim in server.errorlog(), 15,
+          "gunicorn's timeout", server)
+    _wait(lambda: _state_of(victim)[0] is None and len(server.worker_pids()) == 2, 15,
+          "the hung worker reaped and replaced", server)
+    assert set(server.worker_pids()) <= set(forked())
+
+    # TTIN forks one more from the mold; TTOU takes one away.
+    server.signal(signal.SIGTTIN)
+    _wait(lambda: len(server.worker_pids()) == 3, 10, "a third worker", server)
+    assert set(server.worker_pids()) <= set(forked())
+    server.signal(signal.SIGTTOU)
+    _wait(lambda: len(server.worker_pids()) == 2, 10, "back to two workers", server)
+    assert server.serves()
+
+    # QUIT: a quick stop; nothing of the group is left.
+    server.signal(signal.SIGQUIT)
+    server.wait_exit(30)
+    _wait(lambda: not _group(arbiter), 10, "every process of the group to exit", server)
+    assert server.tracebacks() == 0
