@@ -349,8 +349,12 @@ class Mold(object):
             signal.set_wakeup_fd(-1)
         except (ValueError, AttributeError):
             pass
-        # The workers' heartbeat files the arbiter held at our fork: not ours.
-        for worker in list(getattr(arbiter, "WORKERS", {}).values()):
+        # The workers' heartbeat files the arbiter held at our fork: not ours. All of
+        # them: inside the scheduler's manage_workers, WORKERS is a view that hides the
+        # retiring ones from this (the main) thread.
+        workers = getattr(arbiter, "WORKERS", {})
+        workers = getattr(workers, "_workers", workers)
+        for worker in list(workers.values()):
             try:
                 worker.tmp.close()
             except (AttributeError, OSError, ValueError):
