@@ -366,6 +366,19 @@ def _state_of(pid):
         return None, None
 
 
+def _fd_targets(pid):
+    table = {}
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                table[fd] = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return table
+
+
 def _group(pgid):
     return sorted(pid for pid, _, group, _ in _procs.live_processes() if group == pgid)
 
@@ -420,6 +433,23 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
         state, parent = _state_of(pid)
         assert state is None or parent == arbiter, (pid, state, parent)
     assert (imported / str(mold)).exists()
+    # Descriptors: a forked worker holds its own heartbeat file only (no sibling's, not
+    # the mold's socket), the mold none, once no spawn is under way (during one, the mold
+    # and the new worker briefly hold the received descriptor and its dup2 copy).
+    def beats(pid):
+        return [t for t in _fd_targets(pid).values() if "wgunicorn-" in t]
+
+    def settled():
+        return not beats(mold) and all(
+            len(beats(pid)) == 1 or _state_of(pid)[0] in (None, "Z") for pid in forked)
+    _wait(settled, 10, "the mold to hold no heartbeat file, each worker its own only",
+          server)
+    mold_sockets = set(t for t in _fd_targets(mold).values() if t.startswith("socket:"))
+    listeners = set(t for t in _fd_targets(arbiter).values() if t.startswith("socket:"))
+    for pid in forked:
+        private = mold_sockets - listeners  # the mold's end of its socketpair
+        assert not private & set(_fd_targets(pid).values()), pid
+
     # The workers that retired were reaped by the arbiter (no zombies left behind).
     exited = [int(pid) for pid in re.findall(r"Worker exiting \(pid: (\d+)\)", log)]
     assert set(forked) & set(exited)
