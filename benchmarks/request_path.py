@@ -11,6 +11,11 @@ one ``notify()`` (what the loop calls per iteration; at most one per request). R
 ``--batch`` requests alternate between the two, so the machine's drift hits both alike;
 the figure is the median of the rounds' ratios.
 
+Timings on a busy machine stay noisy, so it also counts: one round per worker under
+``sys.settrace`` gives the Python lines executed per request, and under
+``sys.setprofile`` the function calls (Python and C) per request. Those counts do not
+depend on the machine's load; their safe / stock ratios are the cost in work done.
+
     python3 benchmarks/request_path.py --versions 27.0.1:3.13,23.0.0:3.12
 
 Each version runs in its own venv under .bench/ (benchmarks/run.py's), with the package
@@ -65,6 +70,33 @@ def one_round(worker, tconn, cfg, batch, init):
     return took
 
 
+def count(worker, tconn, cfg, batch, init):
+    """(Python lines, function calls) per request through ``worker``: one round under
+    ``sys.settrace``, one under ``sys.setprofile`` (same thread, nothing else running)."""
+    lines, calls = [0], [0]
+
+    def tracer(frame, event, arg):
+        if event == "line":
+            lines[0] += 1
+        return tracer
+
+    def profiler(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+
+    sys.settrace(tracer)
+    try:
+        one_round(worker, tconn, cfg, batch, init)
+    finally:
+        sys.settrace(None)
+    sys.setprofile(profiler)
+    try:
+        one_round(worker, tconn, cfg, batch, init)
+    finally:
+        sys.setprofile(None)
+    return lines[0] / float(batch), calls[0] / float(batch)
+
+
 def measure(spec):
     import inspect
 
@@ -97,12 +129,16 @@ def measure(spec):
             seconds[name] += took[name]
     ratios.sort()
     requests = spec["rounds"] * spec["batch"]
+    counted = {name: count(workers[name], TConn, cfg, spec["batch"], init)
+               for name in ("stock", "safe")}
     return {"gunicorn": gunicorn.__version__, "python": "%d.%d" % sys.version_info[:2],
             "stock_us": 1e6 * seconds["stock"] / requests,
             "safe_us": 1e6 * seconds["safe"] / requests,
             "median_ratio": ratios[len(ratios) // 2],
             "ratio_p10": ratios[len(ratios) // 10], "ratio_p90": ratios[9 * len(ratios) // 10],
-            "requests": requests}
+            "requests": requests,
+            "stock_lines": counted["stock"][0], "safe_lines": counted["safe"][0],
+            "stock_calls": counted["stock"][1], "safe_calls": counted["safe"][1]}
 
 
 def main():
@@ -131,9 +167,15 @@ def main():
         rows.append((fig["gunicorn"], fig["python"], "%.1f" % fig["stock_us"],
                      "%.1f" % fig["safe_us"], "%.3f [%.3f-%.3f]" % (
                          fig["median_ratio"], fig["ratio_p10"], fig["ratio_p90"]),
-                     "{:,}".format(fig["requests"])))
+                     "{:,}".format(fig["requests"]),
+                     "%.0f / %.0f = %.3f" % (fig["stock_lines"], fig["safe_lines"],
+                                             fig["safe_lines"] / fig["stock_lines"]),
+                     "%.0f / %.0f = %.3f" % (fig["stock_calls"], fig["safe_calls"],
+                                             fig["safe_calls"] / fig["stock_calls"])))
     _run.print_table(("gunicorn", "Python", "stock us/request", "safe us/request",
-                      "safe / stock (median of rounds [p10-p90])", "requests each"), rows)
+                      "safe / stock (median of rounds [p10-p90])", "requests each",
+                      "Python lines per request, stock / safe", "calls per request, "
+                      "stock / safe"), rows)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,9 @@ def current():
 
 
 def reset():
-    """Forget what ``configure`` set (tests)."""
+    """Forget what ``configure`` set, ``heal`` included (a HUP's config may no longer
+    call it; tests)."""
     with _lock:
         del _current[:]
+    from . import _heal
+    _heal.set_enabled(None)

@@ -206,24 +206,14 @@ class Worker(_Retirement, ThreadWorker):
         except Exception as exc:
             if self.booted:
                 raise
-            self._boot_failed(exc, "cannot boot")
-
-    def load_wsgi(self):
-        if not self._safe_guarded_boot:
-            return super().load_wsgi()
-        try:
-            return super().load_wsgi()
-        except Exception as exc:
-            self._boot_failed(exc, "cannot load the app")
-
-    def _boot_failed(self, exc, what):
-        cause = describe_failure(exc)
-        # The arbiter logs the one ERROR (once per attempt, or per reload); the traceback
-        # is here.
-        self.log.info("safe-gthread: worker %s %s (%s); the previous workers keep serving",
-                      self.pid, what, cause, exc_info=True)
-        if not _schedule.send_boot_failure(self, cause):
-            raise exc  # no channel to the arbiter: the stock way
+            cause = describe_failure(exc)
+            # The arbiter logs the one ERROR (once per attempt, or per reload); the
+            # traceback is here. gunicorn sets ``wsgi`` once the app has loaded.
+            self.log.info("safe-gthread: worker %s %s (%s); the previous workers keep serving",
+                          self.pid, "cannot boot" if getattr(self, "wsgi", None) is not None
+                          else "cannot load the app", cause, exc_info=True)
+            if not _schedule.send_boot_failure(self, cause):
+                raise  # no channel to the arbiter: the stock way
         # gunicorn does not halt on 0 (3 and 4 halt it); a SystemExit is how a stock
         # worker exits too ("Worker exiting", worker_exit run).
         sys.exit(0)

@@ -596,7 +596,6 @@ def _reload(original, self, *args, **kwargs):
     # HUP runs the config file again: what its configure() set before must not outlive
     # a config that no longer calls it (the environment and the defaults then apply).
     _settings.reset()
-    _heal.set_enabled(None)
     _reloads[0] += 1  # the worker class's setup runs again for the new configuration
     return original(self, *args, **kwargs)
 

@@ -29,7 +29,7 @@ def test_socket_survives_restarts_under_load(gunicorn_server, worker):
         return
     assert server.restarts() >= RESTARTS, (result.as_dict(), server.log())
     assert server.inode() == inode, server.log()
-    assert server.serves()
+    assert server.serves(), server.log()
     if worker == "safe":
         assert server.tracebacks() == 0, server.log()
         assert result.failed == 0, (result.as_dict(), server.log())

@@ -295,6 +295,34 @@ def test_the_view_hides_only_from_the_thread_that_made_it():
     assert sorted(workers) == [1, 3] and len(view) == 2
 
 
+class ReapingDict(dict):
+    """WORKERS on gunicorn <= 23, whose SIGCHLD handler reaps: a worker is removed at the
+    first lookup after ``reap`` is set, as if the signal came between two bytecodes."""
+    reap = None
+
+    def __getitem__(self, pid):
+        if self.reap is not None:
+            pid_gone, self.reap = self.reap, None
+            del self[pid_gone]
+        return dict.__getitem__(self, pid)
+
+
+def test_the_view_survives_a_reap_while_gunicorn_walks_it():
+    # gunicorn's manage_workers: sorted(self.WORKERS.items(), key=lambda w: w[1].age);
+    # murder_workers: list(self.WORKERS.items()). A reap between listing and looking up
+    # raised KeyError out of the arbiter's main loop (19.6.0 soak, 1,252 restarts in).
+    workers = ReapingDict({1: FakeWorker(1), 2: FakeWorker(2), 3: FakeWorker(3)})
+    view = _schedule._Discounted(workers, {9})
+    it = iter(view.items())
+    next(it)
+    workers.reap = 2
+    workers[1]  # the signal handler's reap
+    assert [pid for pid, _ in it] == [2, 3]  # the snapshot gunicorn iterates
+    assert sorted(view.keys()) == [1, 3] and len(view.values()) == 2
+    hiding = _schedule._Discounted(workers, {3})
+    assert [pid for pid, _ in sorted(hiding.items())] == [1]
+
+
 def test_spawn_worker_runs_with_the_real_workers():
     # A forked worker closes the heartbeat file of every sibling it finds in WORKERS.
     class Arbiter(object):

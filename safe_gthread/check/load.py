@@ -164,11 +164,14 @@ def _client(address, keepalive, method, body, result, should_stop, timeout):
 
 
 def run_load(address, seconds=10.0, max_requests=None, concurrency=8, keepalive_share=0.5,
-             method="GET", body=None, stop=None, progress=None, timeout=REQUEST_TIMEOUT):
+             method="GET", body=None, stop=None, progress=None, timeout=REQUEST_TIMEOUT,
+             result=None):
     """Drive ``concurrency`` clients at ``address`` until ``seconds`` pass, ``max_requests``
     are sent, or ``stop()`` returns true; ``progress(result, seconds_left)`` is called
-    about twice a second. Returns a :class:`LoadResult`."""
-    result = LoadResult()
+    about twice a second. Returns ``result`` (a :class:`LoadResult`, or a subclass that
+    records more), filled; a new one when not given."""
+    if result is None:
+        result = LoadResult()
     started = time.monotonic()
     deadline = started + seconds
     done = threading.Event()

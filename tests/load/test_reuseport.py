@@ -191,8 +191,7 @@ def test_check_command_shows_it(migrate_req):
     # many stop at their limit before their successor is ready and slots wait for boots.
     out = subprocess.run([sys.executable, "-m", "safe_gthread", "check", "--bind", "tcp",
                           "--reuse-port", "--json", "--seconds", "8", "--workers", "5",
-                          "--threads", "5"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          "--threads", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          universal_newlines=True, timeout=300)
     report = json.loads(out.stdout)
     print(report["verdict"])
