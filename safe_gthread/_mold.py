@@ -661,6 +661,10 @@ class Molds(object):
         self.stubborn = {}  # pid -> when to SIGKILL a retired mold that is still there
         self.off = None  # why the mold is off for this configuration (said once)
         self.off_cfg = None
+        # A mold could not load the app and the deploy state took that as a failed boot
+        # or reload: the next spawn attempt (paced by the deploy's backoff) starts the
+        # next mold and waits for it; tick does not start one on its own meanwhile.
+        self.handed = False
 
     # -- every manage_workers ----------------------------------------------------------------
     def tick(self, arbiter):
@@ -673,7 +677,9 @@ class Molds(object):
             return
         mold = self.mold
         if mold is not None:
-            self._poll(arbiter, mold)
+            cause = self._poll(arbiter, mold)
+            if cause is not None:
+                self.failed(arbiter, mold, "it cannot load the app: %s" % cause)
         mold = self.mold
         if mold is not None and not mold.matches(arbiter):
             _log.info("safe-gthread: mold %s retired (a new configuration or new "
@@ -685,7 +691,7 @@ class Molds(object):
             timeout = self.load_timeout(arbiter)
             if self.clock() - mold.started > timeout:
                 self.failed(arbiter, mold, "not ready within %gs" % timeout)
-        if self.mold is None and not self.backing_off():
+        if self.mold is None and not self.backing_off() and not self.handed:
             self._start(arbiter)
 
     def _refused(self, arbiter):
@@ -711,7 +717,9 @@ class Molds(object):
 
     def _poll(self, arbiter, mold, timeout=0.0):
         """Read what the mold said; with ``timeout``, wait that long for its first word
-        (ready, failed, or its exit)."""
+        (ready, failed, or its exit). Returns the cause when the mold said it cannot load
+        the app (FAILED), without calling :meth:`failed`: the caller decides whose
+        failure that is (a spawn's, see :meth:`_for_spawn`); None otherwise."""
         while True:
             try:
                 if not wait_readable(mold.sock, timeout):
@@ -728,13 +736,12 @@ class Molds(object):
             close_fds(fds)
             if kind == "ready" and mold.ready_at is None:
                 mold.ready_at = self.clock()
-                self.failures, self.retry_at = 0, None
+                self.failures, self.retry_at, self.handed = 0, None, False
                 _log.info("safe-gthread: mold %s ready (the app loaded in %.2fs): new "
                           "workers are forked from it", mold.pid,
                           float(fields.get("took") or 0.0))
             elif kind == "failed":
-                self.failed(arbiter, mold, "it cannot load the app: %s" % fields.get("cause"))
-                return
+                return str(fields.get("cause"))
 
     def _start(self, arbiter):
         self.generation += 1
@@ -768,6 +775,30 @@ class Molds(object):
                    "import)%s; a new mold in %.0fs", mold.pid, cause,
                    ", this one included" if fallback else "", backoff)
         self._retire(mold, kill=True)
+
+    def _load_failed(self, arbiter, mold, cause):
+        """A spawn waited for this mold and it cannot load the app. While workers serve,
+        that *is* the boot attempt's failure, so no worker is forked to import the same
+        code again (each would fail, each with its own ERROR): inside a HUP the reload
+        failed before any new worker started; otherwise this successor's boot failed.
+        The deploy state (``_deploy.Deploys.mold_failed``) logs the one ERROR, holds the
+        serving workers past ``max_requests`` and sets the next attempt's backoff, and
+        that attempt starts a new mold (:meth:`tick` does not, while ``handed``).
+        Returns True when it took the failure (the spawn is skipped); False at first
+        start (nothing serves): the mold's ERROR and the normal boot, whose failure
+        halts gunicorn as stock does."""
+        from . import _schedule  # imported late: _schedule imports the worker side
+        scheduler = _schedule._state.get("scheduler")
+        handled = bool(scheduler is not None and scheduler._deploy(
+            "mold_failed", arbiter, "the app cannot be loaded: %s" % cause))
+        if not handled:
+            self.failed(arbiter, mold, "it cannot load the app: %s" % cause, fallback=True)
+            return False
+        _log.info("safe-gthread: mold %s cannot load the app: %s", mold.pid, cause)
+        self.handed = True
+        self._retire(mold, kill=True)
+        self.failures, self.retry_at = 0, None
+        return True
 
     def _retire(self, mold, kill=False):
         """Close the mold's socket (it reads EOF and exits) and TERM it (it exits with
@@ -836,6 +867,8 @@ class Molds(object):
     # -- Arbiter.spawn_worker ------------------------------------------------------------
     def spawn(self, original, arbiter, *args, **kwargs):
         mold = self._for_spawn(arbiter)
+        if mold is _SKIP:
+            return None  # a failed boot attempt, logged and paced by the deploy state
         if mold is None:
             return original(arbiter, *args, **kwargs)
         request = self.request = _Request(self, mold, arbiter)
@@ -859,6 +892,9 @@ class Molds(object):
         after a failure) means the normal boot."""
         if not wanted() or self._refused(arbiter):
             return None
+        reloading = _reloading()
+        if reloading is not None and reloading.failed:
+            return _SKIP  # this HUP's mold could not load the new code: no new worker
         mold = self.mold
         if mold is not None and not mold.matches(arbiter):
             _log.info("safe-gthread: mold %s retired (a new configuration or new "
@@ -866,15 +902,16 @@ class Molds(object):
             self._retire(mold)
             self.failures, self.retry_at = 0, None
             mold = None
-        if mold is None and not self.backing_off():
+        if mold is None and (self.handed or not self.backing_off()):
             mold = self._start(arbiter)
         if mold is None:
             return None
         if mold.ready_at is None and not mold.awaited:
             mold.awaited = True
             wait = self.load_timeout(arbiter) - (self.clock() - mold.started)
-            if wait > 0:
-                self._poll(arbiter, mold, timeout=wait)
+            cause = self._poll(arbiter, mold, timeout=wait) if wait > 0 else None
+            if cause is not None and mold is self.mold:
+                return _SKIP if self._load_failed(arbiter, mold, cause) else None
             if mold is self.mold and mold.ready_at is None:
                 self.failed(arbiter, mold, "not ready within %gs" % self.load_timeout(arbiter),
                             fallback=True)
@@ -891,6 +928,19 @@ class Molds(object):
         if request is not None and request.worker is None and (
                 threading.get_ident() == request.thread):
             request.worker = worker
+
+
+#: What ``Molds._for_spawn`` returns for a spawn that must not happen at all.
+_SKIP = object()
+
+
+def _reloading():
+    """The HUP whose new workers gunicorn's reload is spawning now (``_deploy``'s record:
+    only while something serves), or None."""
+    from . import _schedule
+    scheduler = _schedule._state.get("scheduler")
+    deploy = getattr(scheduler, "deploy", None)
+    return getattr(deploy, "reloading", None)
 
 
 # -- the patches (arbiter side) -------------------------------------------------------------

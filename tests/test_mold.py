@@ -21,7 +21,7 @@ import time
 import pytest
 from gunicorn import arbiter as gunicorn_arbiter
 
-from safe_gthread import _compat, _mold, _patch
+from safe_gthread import _compat, _deploy, _mold, _patch, _schedule
 from safe_gthread.check import load as _load, procs as _procs
 
 SUPPORTED = _mold.unsupported() is None
@@ -264,6 +264,95 @@ def test_a_new_generation_first_spawn_waits_for_its_mold(molds):
     assert molds["kills"] == [(4000, signal.SIGTERM)]  # the previous generation's mold
     assert state.mold.pid == 4001 and state.mold.cfg is arbiter.cfg
     assert answered and answered[0].adopted == b"1" and molds["forks"] == []
+
+
+class FakeScheduler(object):
+    """The scheduler as ``_mold`` sees it: a real deploy state behind ``_deploy``."""
+
+    def __init__(self, clock):
+        self.reload_age = 0
+        self.holds = []
+        self.deploy = _deploy.Deploys(clock, writer=lambda arbiter, pid, hold:
+                                      self.holds.append((pid, hold)))
+
+    def _deploy(self, name, *args):
+        return getattr(self.deploy, name)(*args)
+
+
+def _failing_mold(molds, cause):
+    """The next mold started says FAILED (the app cannot be loaded)."""
+    index = len(molds["kept"])
+
+    def mold_process():
+        deadline = time.monotonic() + 5
+        while len(molds["kept"]) <= index and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _mold.send(molds["kept"][index], "failed", {"cause": cause})
+    thread = threading.Thread(target=mold_process)
+    thread.start()
+    return thread
+
+
+def test_a_hup_whose_mold_cannot_load_the_code_is_a_failed_reload(molds, monkeypatch):
+    """Broken code and a HUP: the new generation's mold cannot import it. That is the
+    failed reload itself: no new worker is forked (each would import the same code and
+    fail), one ERROR naming the cause, the previous generation held serving. The next
+    attempt (a successor, after the deploy's backoff) starts a new mold and waits for it;
+    meanwhile no mold is started on a timer (each would fail with an ERROR of its own)."""
+    state, arbiter, now = molds["state"], molds["arbiter"], molds["now"]
+    scheduler = FakeScheduler(lambda: now[0])
+    monkeypatch.setitem(_schedule._state, "scheduler", scheduler)
+    deploy = scheduler.deploy
+    arbiter.num_workers = 2
+    for pid in (301, 302):
+        arbiter.worker_age += 1
+        arbiter.WORKERS[pid] = FakeWorker(arbiter.worker_age)
+        deploy.on_ready(arbiter, pid, arbiter.worker_age)
+    cause = "RuntimeError: broken deploy (web.py:6)"
+
+    arbiter.cfg = object()  # the HUP's new configuration
+    deploy.reload_starts(arbiter, 0)
+    thread = _failing_mold(molds, cause)
+    assert spawn(molds) is None  # the first new worker: not forked at all
+    thread.join(5)
+    assert spawn(molds) is None  # nor the second, and no second mold either
+    deploy.reload_ends()
+    assert len(molds["starts"]) == 1 and molds["forks"] == []
+    assert sorted(arbiter.WORKERS) == [301, 302]
+    assert molds["kills"][0] == (4000, signal.SIGTERM)  # the previous mold
+    assert molds["kills"][1][1] == signal.SIGTERM and state.mold is None
+    errors = [r.getMessage() for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(
+        "safe-gthread: reload failed: the app cannot be loaded: " + cause), errors
+    assert deploy.reload.failed and deploy.reload_failures == 1
+    assert sorted(scheduler.holds) == [(301, 1), (302, 1)]  # serve past max_requests
+
+    # No mold on a timer meanwhile; the next attempt (after the deploy's backoff) waits
+    # for a new mold, which still cannot load the code: one more ERROR, still no fork.
+    now[0] += 10
+    state.tick(arbiter)
+    assert len(molds["starts"]) == 1
+    thread = _failing_mold(molds, cause)
+    assert spawn(molds) is None
+    thread.join(5)
+    errors = [r.getMessage() for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and errors[1].startswith(
+        "safe-gthread: a new worker cannot boot: the app cannot be loaded: " + cause)
+    assert len(molds["starts"]) == 2 and molds["forks"] == []
+
+
+def test_a_mold_that_cannot_load_at_first_start_leaves_gunicorn_own_boot(molds, monkeypatch):
+    """Nothing serves yet: the mold's ERROR and the stock boot (whose failure halts
+    gunicorn, as stock)."""
+    state, arbiter = molds["state"], molds["arbiter"]
+    monkeypatch.setitem(_schedule._state, "scheduler", FakeScheduler(lambda: molds["now"][0]))
+    arbiter.cfg = object()
+    thread = _failing_mold(molds, "ImportError: no module named web")
+    assert state.spawn(lambda self: "stock", arbiter) == "stock"  # gunicorn's own spawn
+    thread.join(5)
+    errors = [r.getMessage() for r in molds["caplog"].records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot load the app: ImportError" in errors[0]
+    assert not state.handed
 
 
 def test_a_new_configuration_retires_the_mold(molds):
@@ -550,16 +639,29 @@ def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
     forked = dict((int(pid), int(mold)) for pid, mold in _FORKED.findall(server.errorlog()))
     assert new_workers and all(forked.get(pid) == second for pid in new_workers)
 
-    # Broken code on disk and a HUP: the new mold cannot load it (one ERROR naming the
-    # cause), the workers of the previous generation keep serving v2.
+    # Broken code on disk and a HUP: the new mold cannot load it. That is the failed
+    # reload itself: one ERROR naming the cause, no new worker forked or booted the
+    # normal way (each would import the broken code and fail), the workers of the
+    # previous generation keep serving v2.
+    _wait(lambda: len(server.worker_pids()) == 2, 10, "the first generation gone", server)
+    serving = sorted(server.worker_pids())
+    booted = server.errorlog().count("Booting worker")
     open(os.path.join(server.directory, "broken"), "w").close()
     with open(os.path.join(server.directory, "web.py"), "w") as fh:
         fh.write(_WEB % b"v3")
     server.signal(signal.SIGHUP)
-    _wait(lambda: "cannot load the app: RuntimeError: broken deploy" in server.errorlog(),
-          20, "the new mold's failure", server)
+    _wait(lambda: "reload failed" in server.errorlog(), 20, "the failed reload", server)
     assert set(_versions(server, 20)) == {b"v2"}
     assert server.proc.poll() is None
+    log = server.errorlog()
+    errors = re.findall(r"\[ERROR\] (.*)", log)
+    assert len(errors) == 1 and errors[0].startswith(
+        "safe-gthread: reload failed: the app cannot be loaded: RuntimeError: broken "
+        "deploy"), errors
+    assert "no new worker was started" in errors[0]
+    assert log.count("Booting worker") == booted  # nobody tried the broken code
+    assert "cannot load the app (" not in log  # no worker's own failed import
+    assert sorted(server.worker_pids()) == serving
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
