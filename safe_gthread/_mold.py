@@ -386,6 +386,16 @@ class Mold(object):
                      exc_info=True)
             send(self.sock, "failed", {"cause": cause})
             return False
+        # Threads do not survive a fork: one the import started runs in the mold only,
+        # and a lock it held at a fork stays held in that worker (docs/mold.md, "Is
+        # your app safe for it?"). Said once per mold, before any worker is forked.
+        others = [thread.name for thread in threading.enumerate()
+                  if thread is not threading.main_thread()]
+        if others:
+            log.warning("safe-gthread: mold %s: the app's import started %d thread(s) (%s); "
+                        "workers forked from the mold do not have them: start them in "
+                        "post_fork or on first use (see the mold's documentation)",
+                        self.pid, len(others), ", ".join(sorted(others)[:5]))
         send(self.sock, "ready", {"pid": self.pid, "took": time.monotonic() - started})
         return True
 
@@ -902,7 +912,7 @@ class Molds(object):
             self._retire(mold)
             self.failures, self.retry_at = 0, None
             mold = None
-        if mold is None and (self.handed or not self.backing_off()):
+        if mold is None and not self.backing_off():
             mold = self._start(arbiter)
         if mold is None:
             return None
@@ -928,6 +938,59 @@ class Molds(object):
         if request is not None and request.worker is None and (
                 threading.get_ident() == request.thread):
             request.worker = worker
+
+
+#: gunicorn 19.6 - 25.x's ``reap_workers`` reads the exit status of every child that
+#: ``waitpid(-1)`` returns before it looks the pid up in ``WORKERS``: exit status 3 or 4
+#: from *any* child raises HaltServer (the whole server stops), and 20.x - 25.x log an
+#: ERROR or WARNING naming it a "Worker". As a child subreaper the arbiter also reaps
+#: orphans the app leaves behind (a daemon that double-forks, a grandchild whose parent
+#: exited), so with the mold such an orphan's exit status could halt the server.
+#: gunicorn 26.0 and later skip unknown children ("Reaped unknown child process").
+REAPS_ANY_CHILD_AS_WORKER = (26,)
+
+
+def _own_child(arbiter, pid):
+    """A child gunicorn tracks: a worker, the USR2 master, 25.x's dirty arbiter."""
+    if pid in getattr(arbiter, "WORKERS", {}):
+        return True
+    return pid in (getattr(arbiter, "reexec_pid", 0), getattr(arbiter, "dirty_arbiter_pid", 0))
+
+
+class _OwnChildrenOs(object):
+    """``gunicorn.arbiter.os`` during one ``reap_workers`` call on gunicorn < 26:
+    ``waitpid(-1, ...)`` reaps children gunicorn does not track here (with a DEBUG line,
+    as gunicorn 26 does) and returns only its own, so an orphan's exit status never
+    reaches gunicorn's checks. Everything else is the ``os`` it wraps."""
+
+    def __init__(self, arbiter, inner):
+        self._arbiter = arbiter
+        self._inner = inner
+
+    def waitpid(self, pid, options):
+        while True:
+            wpid, status = self._inner.waitpid(pid, options)
+            if pid != -1 or not wpid or _own_child(self._arbiter, wpid):
+                return wpid, status
+            _log.debug("safe-gthread: reaped unknown child process (pid:%s, status:%s)",
+                       wpid, status)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _reap_workers(original, self, *args, **kwargs):
+    if _state.get("molds") is None or (
+            _version(_compat.GUNICORN_VERSION) >= REAPS_ANY_CHILD_AS_WORKER):
+        return original(self, *args, **kwargs)
+    # Saved and restored, not reset to ``os``: on gunicorn <= 23 this runs in the SIGCHLD
+    # handler, which can interrupt a spawn while ``os`` is the spawn's stand-in.
+    previous = gunicorn_arbiter.os
+    gunicorn_arbiter.os = _OwnChildrenOs(self, previous)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        gunicorn_arbiter.os = previous
 
 
 #: What ``Molds._for_spawn`` returns for a spawn that must not happen at all.
@@ -974,7 +1037,7 @@ def _handle_usr1(original, self, *args, **kwargs):
 
 
 _PATCHES = (("manage_workers", _manage_workers), ("spawn_worker", _spawn_worker),
-            ("stop", _stop), ("handle_usr1", _handle_usr1))
+            ("stop", _stop), ("handle_usr1", _handle_usr1), ("reap_workers", _reap_workers))
 
 
 def wanted():
