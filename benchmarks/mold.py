@@ -7,7 +7,8 @@ falls on every side alike):
 
 - ``stock``: gunicorn's own gthread worker;
 - ``safe``: ``safe_gthread.Worker`` without the mold;
-- ``mold``: ``safe_gthread.Worker`` with ``safe_gthread.configure(mold=True)``.
+- ``mold``: ``safe_gthread.Worker`` with ``safe_gthread.configure(mold=True)``;
+- ``preload`` (only with ``--sides``): the stock worker with ``preload_app = True``.
 
 Workloads:
 
@@ -56,6 +57,10 @@ import churn as _churn  # noqa: E402  (cpu_seconds, rate, spread)
 import run as _run  # noqa: E402  (venvs, wheel, tables, medians)
 
 SIDES = ("stock", "safe", "mold")
+#: Also measurable (``--sides``): ``preload``, the stock worker with ``preload_app = True``
+#: (workers forked from the arbiter with the app loaded: no import per restart, but a HUP
+#: cannot load new code), the floor the issue quotes.
+OPTIONAL_SIDES = ("preload",)
 WORKLOADS = {
     "report": {"settings": dict(_churn.CPU), "max_requests": 512, "jitter": 0,
                "connections": 200, "env": {}},
@@ -128,7 +133,10 @@ def measure(spec):
 
     directory = tempfile.mkdtemp(prefix="mold-", dir=spec["tmp"])
     settings = dict(spec["settings"])
-    server = Gunicorn(directory, "stock" if spec["side"] == "stock" else "safe", **settings)
+    if spec["side"] == "preload":
+        settings["preload_app"] = True  # the floor the issue quotes: no import per restart
+    server = Gunicorn(directory, "stock" if spec["side"] in ("stock", "preload") else "safe",
+                      **settings)
     if spec["side"] == "mold":
         with open(server.config_path, "a") as fh:
             fh.write("import safe_gthread\nsafe_gthread.configure(mold=True)\n")
