@@ -250,8 +250,9 @@ def bench(args, python, env):
             _churn.spread(_ratios(churn, steady, lambda f: f["p99"])),
             "%.0f / %.0f" % (_ms(_run.median([f["p99"] for f in churn])) or 0,
                              _ms(_run.median([f["p99"] for f in steady])) or 0),
-            ("%.0f [%.0f-%.0f] (%d)" % (_run.median(handoffs), handoffs[0], handoffs[-1],
-                                        len(handoffs)) if handoffs else "-"),
+            ("%.0f, p90 %.0f [%.0f-%.0f] (%d)" % (
+                _run.median(handoffs), handoffs[int(0.9 * (len(handoffs) - 1))], handoffs[0],
+                handoffs[-1], len(handoffs)) if handoffs else "-"),
             sum(f["failed"] + f["proxy_errors"] for f in churn + steady)))
         for label, runs_ in (("churn", churn), ("no restart", steady)):
             workers = [w for f in runs_ for w in f["memory"].get("workers", ())]
@@ -269,7 +270,7 @@ def bench(args, python, env):
                       "restarts (churn, all pairs)", "requests per restart",
                       "CPU s/1,000 churn / no-restart", "CPU s/1,000 churn / no-restart (medians)",
                       "p99 churn / no-restart", "p99 ms churn / no-restart (medians)",
-                      "successor ready after its request, ms: median [range] (count)",
+                      "successor ready after its request, ms: median, p90 [range] (count)",
                       "failed"), rows)
     print()
     _run.print_table(("side", "run", "worker USS MiB", "worker PSS MiB", "mold PSS MiB",
