@@ -785,3 +785,28 @@ def test_an_orphan_exiting_with_status_4_does_not_halt_the_server(gunicorn_serve
     log = server.errorlog()
     assert "Shutting down" not in log and "App failed to load" not in log
     assert not re.search(r"\[ERROR\]", log), log
+
+
+_THREADED = '''import threading
+import time
+
+# A background thread started at import time: it runs in the mold only.
+threading.Thread(target=time.sleep, args=(3600,), name="exporter", daemon=True).start()
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_threads_started_at_import_are_named_in_one_warning(gunicorn_server, tmp_path):
+    source = tmp_path / "threaded.py"
+    source.write_text(_THREADED)
+    server = gunicorn_server("safe", app="threaded:app", files=[str(source)],
+                             config=MOLD_CONFIG)
+    assert server.serves()
+    warnings = re.findall(r"\[WARNING\] (.*)", server.errorlog())
+    assert len(warnings) == 1 and "the app's import started 1 thread(s) (exporter)" in \
+        warnings[0], warnings
