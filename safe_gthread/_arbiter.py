@@ -9,13 +9,14 @@ front of the next one in its row and finally of gunicorn's own callable:
   ``_heal``);
 * ``scheduler``: successors booted before retirements, deploys (``_schedule``,
   ``_deploy``);
-* ``reuse_port``: one listener per worker slot, kept by the arbiter (``_reuseport``).
+* ``reuse_port``: one listener per worker slot, kept by the arbiter (``_reuseport``);
+* ``mold``: workers forked from a warm per-generation template (``_mold``; opt-in).
 
 Each handler call is contained (``_patch.contain``): an exception of ours turns that
 feature off in this process, with one ERROR and its traceback, and the call goes on as
 gunicorn's own would; the other features keep working. ``install`` turns features on
 (idempotent) and ``uninstall`` off; a row is wrapped while one of its features is on.
-``scheduler`` and ``reuse_port`` are all or nothing: without every one of their targets
+``scheduler``, ``reuse_port`` and ``mold`` are all or nothing: without every one of their targets
 they would do harm, so a gunicorn missing one keeps its own behaviour, named in one
 WARNING. ``guard`` and ``heal`` leave only what they do not recognise.
 """
@@ -24,11 +25,11 @@ import threading
 from gunicorn import arbiter as gunicorn_arbiter
 from gunicorn import sock as gunicorn_sock
 
-from . import _compat, _patch, _reuseport, _schedule, guard
+from . import _compat, _mold, _patch, _reuseport, _schedule, guard
 
 #: Features whose targets must all be there, and how the WARNING names them.
 ALL_OR_NOTHING = {"scheduler": "safe_gthread's retirement scheduler",
-                  "reuse_port": "the reuse_port listener slots"}
+                  "reuse_port": "the reuse_port listener slots", "mold": "the mold"}
 #: The handler of gunicorn 19.6.0's ``UnixSocket.close`` runs uncontained: a pass-through
 #: to gunicorn's own would unlink the socket in every restarting worker (the bug itself).
 UNCONTAINED = "uncontained"
@@ -40,6 +41,8 @@ _enabled = set()
 _patch.on_disable("heal", guard._release_all)
 _patch.on_disable("reuse_port", _reuseport._close_slots)
 _patch.on_disable("scheduler", _schedule.forget)
+_patch.on_disable("mold", _mold._on_disable)
+_patch.after_fork_in_child(_mold._after_fork)
 _patch.after_fork_in_child(guard._after_fork)
 _patch.after_fork_in_child(_reuseport._after_fork)
 
@@ -65,15 +68,21 @@ def table():
         # load; inside it, the guard forgets the old configure() settings.
         (Arbiter, "reload", [("scheduler", _schedule._reload), ("guard", guard._reload)]),
         # Every turn of the loop: close the slots a TTOU or a new bind left; retire and
-        # deploy; check the socket paths last, right before gunicorn's own.
+        # deploy; start or check the generation's mold; check the socket paths last,
+        # right before gunicorn's own.
         (Arbiter, "manage_workers", [("reuse_port", _reuseport._manage_workers),
                                      ("scheduler", _schedule._manage_workers),
+                                     ("mold", _mold._manage_workers),
                                      ("heal", guard._manage_workers)]),
         # The slot is chosen with the scheduler's hints, then the scheduler forks with the
-        # real WORKERS.
+        # real WORKERS, through the mold when it is on (innermost: it swaps the fork).
         (Arbiter, "spawn_worker", [("reuse_port", _reuseport._spawn_worker),
-                                   ("scheduler", _schedule._spawn_worker)]),
-        (Arbiter, "stop", [("heal", guard._stop)]),
+                                   ("scheduler", _schedule._spawn_worker),
+                                   ("mold", _mold._spawn_worker)]),
+        # gunicorn < 26 must see only its own children (the arbiter is a subreaper).
+        (Arbiter, "reap_workers", [("mold", _mold._reap_workers)]),
+        (Arbiter, "handle_usr1", [("mold", _mold._handle_usr1)]),
+        (Arbiter, "stop", [("mold", _mold._stop), ("heal", guard._stop)]),
     ]
     if _compat.ARBITER_WAIT == "wait_for_signals":
         rows.append((Arbiter, "wait_for_signals", [("heal", guard._wait_for_signals)]))

@@ -10,7 +10,7 @@ HUP (``guard`` counts reloads) and returns at once, without a lock, afterwards.
 """
 import threading
 
-from . import _compat, _patch, _reuseport, _schedule, _settings, guard
+from . import _compat, _mold, _patch, _reuseport, _schedule, _settings, guard
 from ._version import __version__
 
 _lock = threading.Lock()
@@ -31,6 +31,8 @@ def setup_once(log):
         except _settings.SettingsError as exc:
             _settings.fail(str(exc), log)
         guard.install(log)
+        if settings.mold:
+            _mold.install(log, first=guard.reloads() == 0)
         _schedule.install()
         _reuseport.install()
         if _compat.GTHREAD_GENERATION is None:

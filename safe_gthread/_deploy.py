@@ -245,6 +245,43 @@ class Deploys(object):
                        "successor of worker %s" % predecessor, cause, serving, backoff)
         self._hold_all(arbiter)
 
+    def mold_failed(self, arbiter, cause):
+        """The mold (``_mold``) a spawn waited for cannot load the app: that is the
+        boot attempt's failure, before any worker was forked for it. Inside a HUP the
+        reload failed (no new worker is started: each would import the same code and
+        fail); otherwise a successor or replacement could not boot. One ERROR, the
+        backoff and the holds as for a worker that said BOOT_FAILED. Returns False
+        when nothing is guarded (first start: the caller boots the stock way, and
+        gunicorn's own halt stays)."""
+        rec = self.reloading
+        if rec is None and not self.guards_boots():
+            return False
+        self.failures += 1
+        backoff = min(BACKOFF_FIRST * 2 ** (self.failures - 1), BACKOFF_MAX)
+        self.retry_at = self.clock() + backoff
+        serving = len([p for p, a in self.ready.items() if _same(arbiter.WORKERS, p, a)])
+        serving = min(serving, getattr(arbiter, "num_workers", serving) or serving)
+        from . import _schedule  # the metric helper; imported late (it imports us)
+        if rec is not None:
+            rec.pending = 0
+            if not rec.failed:
+                rec.failed, rec.cause = True, cause
+                self.reload_failures += 1
+                _schedule.metric(arbiter, "safe_gthread.reload_failed", 1, "counter")
+                _log.error("safe-gthread: reload failed: %s; no new worker was started; "
+                           "keeping %d workers of the previous generation (the next HUP "
+                           "tries again)", cause, serving)
+            self._hold_all(arbiter)
+            self._settle(arbiter)
+            return True
+        self.boot_failures += 1
+        _schedule.metric(arbiter, "safe_gthread.boot_failures", 1, "counter")
+        _log.error("safe-gthread: a new worker cannot boot: %s; %d workers keep serving, "
+                   "past max_requests if need be; next attempt in %.0fs", cause, serving,
+                   backoff)
+        self._hold_all(arbiter)
+        return True
+
     # -- HOLD: serve past max_requests while successors cannot boot ------------------------
     def _hold_all(self, arbiter):
         for pid, age in list(self.ready.items()):

@@ -95,6 +95,8 @@ class Process(object):
         self.slots = []
         self.pending_slot = None
         self.announced = False
+        # _mold: the arbiter's Molds, while the mold is on.
+        self.molds = None
 
 
 _process = [None]

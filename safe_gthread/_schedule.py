@@ -204,7 +204,7 @@ class _Scheduler(object):
         for rec in self.handoffs.values():
             if rec.successor == pid and rec.successor_age == age and rec.ready_at is None:
                 rec.ready_at = now
-                _log.debug("safe-gthread: worker %s ready %.2fs after worker %s asked (%s)",
+                _log.debug("safe-gthread: worker %s ready %.3fs after worker %s asked (%s)",
                            pid, now - rec.since, rec.pid, rec.reason)
                 if rec.due or rec.leaving:
                     self._term(arbiter, rec)

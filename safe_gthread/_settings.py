@@ -102,6 +102,9 @@ REGISTRY = {
     "heal": (True, parse_bool),
     # A HUP replaces at most this many workers at a time (0: all at once; docs/deploying.md).
     "reload_batch": (0, lambda name, value: 0 if str(value).strip() in ("0", "") else parse_count(name, value)),
+    # Workers forked from a warm per-generation template process (docs/mold.md): off
+    # unless asked for.
+    "mold": (False, parse_bool),
 }
 
 
@@ -131,7 +134,7 @@ class Settings(object):
                 text = format_size(value) if value else "off"
             elif name == "max_worker_lifetime":
                 text = ("%gs" % value) if value else "off"
-            elif name == "heal":
+            elif name in ("heal", "mold"):
                 text = "on" if value else "off"
             else:
                 text = str(value)
@@ -196,7 +199,8 @@ def configure(**settings):
     """Set safe-gthread's settings; call it in the gunicorn config file.
 
     ``max_worker_memory`` (bytes, or "512M", "1G"), ``max_worker_lifetime`` (seconds),
-    ``max_retiring`` (retirements in flight at once), ``heal`` (bool). Settings not
+    ``max_retiring`` (retirements in flight at once), ``heal`` (bool), ``reload_batch``,
+    ``mold`` (bool: workers forked from a warm template process). Settings not
     given come from ``SAFE_GTHREAD_*`` environment variables, else their defaults. A bad
     or unknown setting: one line on stderr and exit status 1.
     """

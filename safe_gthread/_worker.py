@@ -16,7 +16,7 @@ except ImportError:  # not on every platform
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import _boot, _compat, _patch, _retire, _schedule, _settings
+from . import _boot, _compat, _mold, _patch, _retire, _schedule, _settings
 
 
 #: The retirement this gunicorn's gthread loop needs, chosen once (``_retire``).
@@ -180,6 +180,8 @@ class Worker(_Retirement, ThreadWorker):
                 and self.max_requests < sys.maxsize):
             self._safe_retire_after = self.max_requests
             self._safe_handoff_estimate = _schedule.handoff_estimate()
+        # A spawn through the mold (``_mold``) sends this object's plain attributes there.
+        _mold.constructed(self)
 
     # -- after fork ------------------------------------------------------------------
     def init_process(self):

@@ -65,8 +65,9 @@ def test_19_6_0s_close_is_the_one_uncontained_handler():
 def test_the_stated_order():
     rows = dict(((owner.__name__, name), [entry[0] for entry in handlers])
                 for owner, name, handlers in _arbiter.table())
-    assert rows["Arbiter", "manage_workers"] == ["reuse_port", "scheduler", "heal"]
-    assert rows["Arbiter", "spawn_worker"] == ["reuse_port", "scheduler"]
+    assert rows["Arbiter", "manage_workers"] == ["reuse_port", "scheduler", "mold", "heal"]
+    assert rows["Arbiter", "spawn_worker"] == ["reuse_port", "scheduler", "mold"]
+    assert rows["Arbiter", "stop"] == ["mold", "heal"]
     assert rows["Arbiter", "reload"] == ["scheduler", "guard"]
 
 

@@ -36,9 +36,10 @@ def test_bad_sizes(text):
 def test_defaults():
     settings = _settings.build(environ={})
     assert settings.as_dict() == {"max_worker_memory": 0, "max_worker_lifetime": 0.0,
-                                  "max_retiring": 2, "heal": True, "reload_batch": 0}
+                                  "max_retiring": 2, "heal": True, "reload_batch": 0,
+                                  "mold": False}
     assert settings.describe() == ("heal=on, max_retiring=2, max_worker_lifetime=off, "
-                                   "max_worker_memory=off, reload_batch=0")
+                                   "max_worker_memory=off, mold=off, reload_batch=0")
 
 
 def test_reload_batch_takes_zero_or_a_count():

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""What the mold (``mold=True``, docs/mold.md) buys: issue 21's targets, measured.
+
+Three sides, each with ``max_requests`` churn and without restarts (``max_requests 0``),
+in paired runs whose order alternates from one pair to the next (the machine's drift
+falls on every side alike):
+
+- ``stock``: gunicorn's own gthread worker;
+- ``safe``: ``safe_gthread.Worker`` without the mold;
+- ``mold``: ``safe_gthread.Worker`` with ``safe_gthread.configure(mold=True)``;
+- ``preload`` (only with ``--sides``): the stock worker with ``preload_app = True``.
+
+Workloads:
+
+- ``report``: the original report's load, CPU-bound: the bundled hello-world app, 5
+  workers x 5 threads, ``max_requests 512``, h2o in front (keep-alive upstream),
+  ``wrk -t2 -c200 --latency``. Per side: goodput under churn / no-restart goodput (the
+  median of the pairs' ratios), CPU seconds per 1,000 successful requests (utime +
+  stime of the arbiter, its reaped children and its live children, the mold included,
+  from /proc) and its ratio to the no-restart run, p99 latency (wrk) under churn and its
+  ratio to the no-restart run.
+- ``slow-import``: the app's import takes ``--boot`` seconds (1.5 by default,
+  ``SAFE_GTHREAD_APP_BOOT_SLEEP``), 20 ms per request, 4 workers x 4 threads,
+  ``max_requests 600`` (+60 jitter), ``wrk -c32``: goodput churn / no-restart, and how
+  long after a worker asked to retire its successor was ready (the safe worker's debug
+  line "worker N ready X s after worker M asked"; not defined for the stock worker,
+  which forks a successor only once the old one has exited).
+
+Every side prints its restarts and requests per restart (like for like: a side that
+restarts less often is not cheaper per restart for it), and every run samples its
+workers' USS (Private_Clean + Private_Dirty) and PSS from /proc/PID/smaps_rollup near
+the end of the load, and the whole server's PSS (arbiter, mold, workers).
+
+    python3 benchmarks/mold.py report --venv /work/main/.matrix/gunicorn27.0.1-py3.13 --pairs 5
+    python3 benchmarks/mold.py slow-import --venv .bench/gunicorn27.0.1-py3.13 --pairs 5
+
+``--venv`` runs this tree from an existing venv with gunicorn installed (PYTHONPATH, no
+install into it); without it, ``--version`` names a venv under .bench/ that
+``benchmarks/run.py``'s helpers build, with this tree installed as a wheel.
+
+Benchmarks are not tests: figures move with the machine's load, ratios less so.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import churn as _churn  # noqa: E402  (cpu_seconds, rate, spread)
+import run as _run  # noqa: E402  (venvs, wheel, tables, medians)
+
+SIDES = ("stock", "safe", "mold")
+#: Also measurable (``--sides``): ``preload``, the stock worker with ``preload_app = True``
+#: (workers forked from the arbiter with the app loaded: no import per restart, but a HUP
+#: cannot load new code), the floor the issue quotes.
+OPTIONAL_SIDES = ("preload",)
+WORKLOADS = {
+    "report": {"settings": dict(_churn.CPU), "max_requests": 512, "jitter": 0,
+               "connections": 200, "env": {}},
+    "slow-import": {"settings": dict(_churn.GOODPUT), "max_requests": 600, "jitter": 60,
+                    "connections": 32, "env": {"SAFE_GTHREAD_APP_SLEEP": "0.02"}},
+}
+_HANDOFF = re.compile(r"worker \d+ ready ([\d.]+)s after worker \d+ asked \(max_requests\)")
+_MOLD_READY = re.compile(r"mold (\d+) ready")
+
+
+# -- inside the venv ------------------------------------------------------------------------
+def smaps(pid):
+    """(USS, PSS) of ``pid`` in bytes, from /proc/PID/smaps_rollup (None when gone)."""
+    fields = {}
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                    fields[parts[0][:-1]] = int(parts[1]) * 1024
+    except OSError:
+        return None
+    return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0), fields.get("Pss", 0)
+
+
+def memory(arbiter, molds):
+    """Every worker's (USS, PSS), the mold's, and the server's total PSS, now."""
+    from safe_gthread.check import procs as _procs
+    workers, mold, total = [], None, 0
+    own = smaps(arbiter)
+    if own is not None:
+        total += own[1]
+    for pid in _procs.children(arbiter):
+        figures = smaps(pid)
+        if figures is None:
+            continue
+        total += figures[1]
+        if pid in molds:
+            mold = figures
+        else:
+            workers.append(figures)
+    return {"workers": workers, "mold": mold, "total_pss": total}
+
+
+def _wrk(proxy, seconds, connections):
+    """wrk through the proxy, with its latency distribution: ok, failed, seconds, p99 (s)."""
+    cmd = ["wrk", "-t2", "-c%d" % connections, "-d%ds" % max(int(round(seconds)), 1),
+           "--timeout", "10s", "--latency", "http://127.0.0.1:%d/" % proxy.port]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=seconds + 60).stdout
+    match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", out)
+    if not match:
+        raise RuntimeError("wrk printed no summary:\n" + out)
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+    requests = int(match.group(1))
+    elapsed = float(match.group(2)) * scale[match.group(3)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    non2xx = int(non2xx.group(1)) if non2xx else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = sum(int(n) for n in sock.groups()) if sock else 0
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    return {"ok": requests - non2xx, "failed": non2xx + errors, "seconds": elapsed,
+            "p99": float(p99.group(1)) * scale[p99.group(2)] if p99 else None}
+
+
+def measure(spec):
+    import tempfile
+    from safe_gthread.check.runner import Gunicorn
+    from safe_gthread.check.proxy import Proxy
+
+    directory = tempfile.mkdtemp(prefix="mold-", dir=spec["tmp"])
+    settings = dict(spec["settings"])
+    if spec["side"] == "preload":
+        settings["preload_app"] = True  # the floor the issue quotes: no import per restart
+    server = Gunicorn(directory, "stock" if spec["side"] in ("stock", "preload") else "safe",
+                      **settings)
+    if spec["side"] == "mold":
+        with open(server.config_path, "a") as fh:
+            fh.write("import safe_gthread\nsafe_gthread.configure(mold=True)\n")
+    proxy = None
+    try:
+        server.start(timeout=90)
+        proxy = Proxy("h2o", os.path.join(directory, "proxy"), server.sock_path,
+                      upstream_keepalive=True).start()
+        _wrk(proxy, 1, spec["connections"])  # warm the proxy's pool and the workers
+        molds = set(int(pid) for pid in _MOLD_READY.findall(server.errorlog()))
+        before_cpu, before = _churn.cpu_seconds(server.proc.pid), server.restarts()
+        sample = {}
+
+        def sampler():
+            # Near the end of the load: the workers have served, the copy-on-write pages
+            # they touch are private by then.
+            time.sleep(max(spec["seconds"] - 2.0, 0.5))
+            sample.update(memory(server.proc.pid, molds | set(
+                int(pid) for pid in _MOLD_READY.findall(server.errorlog()))))
+        thread = threading.Thread(target=sampler)
+        thread.daemon = True
+        thread.start()
+        figures = _wrk(proxy, spec["seconds"], spec["connections"])
+        thread.join(5)
+        cpu = _churn.cpu_seconds(server.proc.pid)
+        log = server.errorlog()
+        figures.update(
+            restarts=server.restarts() - before,
+            cpu=None if cpu is None or before_cpu is None else cpu - before_cpu,
+            proxy_errors=len(proxy.upstream_failures()), tracebacks=server.tracebacks(),
+            errors=len(re.findall(r"\[ERROR\]", log)),
+            handoffs=[float(x) for x in _HANDOFF.findall(log)],
+            forked=len(re.findall(r"forked from mold", log)),
+            memory=sample)
+        return figures
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- the driver -------------------------------------------------------------------------------
+def run_one(python, spec, env):
+    proc = subprocess.run([python, os.path.abspath(__file__), "--measure", json.dumps(spec)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, cwd=spec["tmp"],
+                          timeout=spec["seconds"] * 4 + 240, env=dict(os.environ, **env))
+    if proc.returncode != 0:
+        raise RuntimeError("measurement failed: %s\n%s" % (spec, proc.stderr[-4000:]))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ms(value):
+    return None if value is None else 1000.0 * value
+
+
+def _mib(values):
+    return _churn.spread([v / 1048576.0 for v in values if v is not None])
+
+
+def _cpu(fig):
+    return _churn.cpu_per_1000(fig)
+
+
+def _ratios(churn, steady, key):
+    return [key(c) / key(s) for c, s in zip(churn, steady)
+            if key(c) is not None and key(s)]
+
+
+def bench(args, python, env):
+    workload = WORKLOADS[args.what]
+    env = dict(env, **workload["env"])
+    if args.what == "slow-import":
+        env["SAFE_GTHREAD_APP_BOOT_SLEEP"] = str(args.boot)
+    runs = [(side, mr) for side in args.sides for mr in (workload["max_requests"], 0)]
+    figs = dict((run, []) for run in runs)
+    for pair in range(args.pairs):
+        order = runs if pair % 2 == 0 else runs[::-1]
+        for side, mr in order:
+            settings = dict(workload["settings"], max_requests=mr,
+                            max_requests_jitter=workload["jitter"] if mr else 0,
+                            loglevel="debug")
+            spec = {"tmp": args.tmp, "side": side, "settings": settings,
+                    "seconds": args.seconds, "connections": workload["connections"]}
+            fig = run_one(python, spec, env)
+            figs[(side, mr)].append(fig)
+            mem = fig["memory"]
+            uss = [w[0] for w in mem.get("workers", ())]
+            print("  pair %d %s max_requests %d: %.0f req/s, %d failed, %d restarts (%s "
+                  "per restart), p99 %.1f ms, %.3f CPU s/1000, worker USS %s MiB, "
+                  "server PSS %.1f MiB, %d ERROR lines" % (
+                      pair + 1, side, mr, _churn.rate(fig), fig["failed"], fig["restarts"],
+                      _churn.per_restart([fig]), _ms(fig["p99"]) or 0, _cpu(fig) or 0,
+                      _mib(uss), mem.get("total_pss", 0) / 1048576.0, fig["errors"]),
+                  flush=True)
+    mr = workload["max_requests"]
+    rows, memory_rows = [], []
+    for side in args.sides:
+        churn, steady = figs[(side, mr)], figs[(side, 0)]
+        handoffs = [1000.0 * h for f in churn for h in f["handoffs"]]
+        handoffs.sort()
+        rows.append((
+            side, _churn.spread(_ratios(churn, steady, _churn.rate)),
+            "%.0f / %.0f" % (_run.median([_churn.rate(f) for f in churn]),
+                             _run.median([_churn.rate(f) for f in steady])),
+            sum(f["restarts"] for f in churn), _churn.per_restart(churn),
+            _churn.spread(_ratios(churn, steady, _cpu)),
+            "%.3f / %.3f" % (_run.median([_cpu(f) for f in churn]) or 0,
+                             _run.median([_cpu(f) for f in steady]) or 0),
+            _churn.spread(_ratios(churn, steady, lambda f: f["p99"])),
+            "%.0f / %.0f" % (_ms(_run.median([f["p99"] for f in churn])) or 0,
+                             _ms(_run.median([f["p99"] for f in steady])) or 0),
+            ("%.0f, p90 %.0f [%.0f-%.0f] (%d)" % (
+                _run.median(handoffs), handoffs[int(0.9 * (len(handoffs) - 1))], handoffs[0],
+                handoffs[-1], len(handoffs)) if handoffs else "-"),
+            sum(f["failed"] + f["proxy_errors"] for f in churn + steady)))
+        for label, runs_ in (("churn", churn), ("no restart", steady)):
+            workers = [w for f in runs_ for w in f["memory"].get("workers", ())]
+            molds = [f["memory"]["mold"] for f in runs_ if f["memory"].get("mold")]
+            memory_rows.append((
+                side, label, _mib([w[0] for w in workers]), _mib([w[1] for w in workers]),
+                _mib([m[1] for m in molds]) if molds else "-",
+                _mib([f["memory"].get("total_pss") for f in runs_])))
+    print()
+    print("%s, %d pairs of %gs runs, max_requests %d vs 0:" % (
+        args.what if args.what != "slow-import" else "slow-import (%gs import)" % args.boot,
+        args.pairs, args.seconds, mr))
+    print()
+    _run.print_table(("side", "goodput churn / no-restart", "req/s churn / no-restart",
+                      "restarts (churn, all pairs)", "requests per restart",
+                      "CPU s/1,000 churn / no-restart", "CPU s/1,000 churn / no-restart (medians)",
+                      "p99 churn / no-restart", "p99 ms churn / no-restart (medians)",
+                      "successor ready after its request, ms: median, p90 [range] (count)",
+                      "failed"), rows)
+    print()
+    _run.print_table(("side", "run", "worker USS MiB", "worker PSS MiB", "mold PSS MiB",
+                      "server PSS MiB (arbiter + mold + workers)"), memory_rows)
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure":
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=sorted(WORKLOADS))
+    parser.add_argument("--venv", default=None,
+                        help="an existing venv with gunicorn: runs this tree (PYTHONPATH)")
+    parser.add_argument("--version", default="27.0.1:3.13",
+                        help="gunicorn:python of a .bench/ venv (without --venv)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        type=lambda text: [s for s in text.split(",") if s])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--boot", type=float, default=1.5, help="slow-import: import seconds")
+    args = parser.parse_args()
+    args.tmp = os.path.join(_run.BENCH_DIR, "tmp")
+    os.makedirs(args.tmp, exist_ok=True)
+    if args.venv:
+        python, env = os.path.join(args.venv, "bin", "python"), {"PYTHONPATH": ROOT}
+    else:
+        version, py = args.version.split(":")
+        venv = _run.prepare_venv(version, py, _run.build_wheel(ROOT))
+        python, env = os.path.join(venv, "bin", "python"), {}
+    print("python3 benchmarks/mold.py %s (%s, %s)" % (" ".join(sys.argv[1:]), python,
+                                                      time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                    time.gmtime())))
+    bench(args, python, env)
+
+
+if __name__ == "__main__":
+    main()
