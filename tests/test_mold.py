@@ -559,17 +559,19 @@ def test_a_killed_mold_is_replaced(gunicorn_server, monkeypatch):
     server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
     _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
     first = int(_MOLD_READY.search(server.errorlog()).group(1))
+    # Under load (8 clients, restarts every 15 requests a worker): the mold is killed,
+    # workers boot the normal way until its replacement is ready, nothing fails.
+    replaced = lambda: len(set(_MOLD_READY.findall(server.errorlog()))) >= 2
+    result = []
+    loader = threading.Thread(target=lambda: result.append(_load.run_load(
+        server.address, seconds=20, concurrency=8, stop=replaced)))
+    loader.start()
+    time.sleep(0.5)
     os.kill(first, signal.SIGKILL)
-    failed = 0
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(set(_MOLD_READY.findall(server.errorlog()))) < 2:
-        try:
-            failed += _load.request(server.address, timeout=5.0)[0] != 200
-        except (OSError, EOFError, ValueError):
-            failed += 1
+    loader.join(30)
     molds = [int(pid) for pid in _MOLD_READY.findall(server.errorlog())]
     assert len(set(molds)) >= 2 and molds[-1] != first, server.log()
-    assert failed == 0
+    assert result[0].requests > 0 and result[0].failed == 0, (result[0].as_dict(), server.log())
     # gunicorn <= 23 adds its own ERROR for any child a signal ended ("Worker (pid:...)
     # was sent SIGKILL!"): ours is the one that names the mold.
     errors = re.findall(r"\[ERROR\] (safe-gthread: .*)", server.errorlog())
@@ -810,3 +812,41 @@ def test_threads_started_at_import_are_named_in_one_warning(gunicorn_server, tmp
     warnings = re.findall(r"\[WARNING\] (.*)", server.errorlog())
     assert len(warnings) == 1 and "the app's import started 1 thread(s) (exporter)" in \
         warnings[0], warnings
+
+
+_LISTENING = re.compile(r"Listening at: \S+ \((\d+)\)")
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_usr2_then_int_with_the_mold(gunicorn_server):
+    """USR2 as with stock gunicorn: the new master starts a mold of its own and its
+    workers are that mold's forks; TERM to the old master leaves the new one serving;
+    INT to the new master stops it, and nothing of either group is left."""
+    server = gunicorn_server("safe", loglevel="debug", config=MOLD_CONFIG)
+    old = server.proc.pid
+    _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
+    first_mold = int(_MOLD_READY.search(server.errorlog()).group(1))
+    server.signal(signal.SIGUSR2)
+    _wait(lambda: len(_LISTENING.findall(server.errorlog())) >= 2, 20, "the new master",
+          server)
+    new = int(_LISTENING.findall(server.errorlog())[-1])
+    assert new != old
+
+    def new_molds():
+        return set(int(pid) for pid in _MOLD_READY.findall(server.errorlog())) - {first_mold}
+
+    def new_forks():
+        return [int(pid) for pid, mold in _FORKED.findall(server.errorlog())
+                if int(mold) in new_molds()]
+    _wait(lambda: len(new_forks()) >= server.settings["workers"], 30,
+          "the new master's workers, forked from its own mold", server)
+    for mold in new_molds():
+        assert _state_of(mold)[1] == new, (mold, _state_of(mold))
+
+    server.signal(signal.SIGTERM)  # the old master goes
+    server.wait_exit(30)
+    _wait(lambda: _state_of(first_mold)[0] is None, 10, "the old mold to exit", server)
+    assert server.serves(), server.log()
+    os.kill(new, signal.SIGINT)
+    _wait(lambda: not _group(old), 20, "every process of the group to exit", server)
+    assert server.tracebacks() == 0, server.log()
