@@ -29,7 +29,13 @@ def test_socket_survives_restarts_under_load(gunicorn_server, worker):
         return
     assert server.restarts() >= RESTARTS, (result.as_dict(), server.log())
     assert server.inode() == inode, server.log()
-    assert server.serves(), server.log()
+    if worker == "stock":
+        # Stock 19.8 - 27.0.0 drops a request caught by a worker's restart (its other
+        # bug; once for 21.2.0 and once for 23.0.0 in CI here): the control shows the
+        # file kept and the server answering again, not one request's luck.
+        server.wait_for(server.serves, 10, "the server to answer")
+    else:
+        assert server.serves(), server.log()
     if worker == "safe":
         assert server.tracebacks() == 0, server.log()
         assert result.failed == 0, (result.as_dict(), server.log())
