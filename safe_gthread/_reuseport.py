@@ -227,7 +227,7 @@ def _spawn_worker(original, arbiter, *args, **kwargs):
         # Only the arbiter gets here: the child leaves spawn_worker with sys.exit.
         process.pending_slot = None
     if not isinstance(pid, int):
-        new = [p for p in arbiter.WORKERS if p not in before]
+        new = [p for p in list(arbiter.WORKERS) if p not in before]
         pid = new[0] if len(new) == 1 else None
     if pid is not None:
         slot.users.append(pid)

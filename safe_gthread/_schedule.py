@@ -291,7 +291,9 @@ class _Scheduler(object):
                 arbiter.spawn_worker()
             finally:
                 self.spawning_for = None
-            born = [new for new in workers if new not in before]
+            # list(): one step; gunicorn <= 23 reaps in its SIGCHLD handler, which can
+            # run between two steps of a loop over the dict and change its size.
+            born = [new for new in list(workers) if new not in before]
             if not born:
                 self.queue[pid] = rec
                 self.queue.move_to_end(pid, last=False)
