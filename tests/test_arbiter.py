@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from safe_gthread import _arbiter, _patch, _reuseport, _schedule, guard
+from test_patch import contained  # noqa: F401 (a fixture: a clean fault state)
 
 
 @pytest.fixture
@@ -26,16 +27,6 @@ def everything():
         _reuseport.uninstall()
     if added & set(guard.FEATURES):
         guard.uninstall()
-
-
-@pytest.fixture
-def contained(monkeypatch, caplog):
-    monkeypatch.setattr(_patch, "_process", [None])
-    monkeypatch.setattr(_patch, "_on_disable", {})
-    monkeypatch.delenv(_patch.ENV_TEST_FAULT, raising=False)
-    monkeypatch.delenv(_patch.ENV_TEST_UNCONTAINED, raising=False)
-    caplog.set_level(logging.ERROR, logger="gunicorn.error")
-    return lambda: [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_every_callable_is_wrapped_once(everything):

@@ -23,6 +23,7 @@ from gunicorn import arbiter as gunicorn_arbiter
 
 from safe_gthread import _compat, _deploy, _mold, _patch, _schedule
 from safe_gthread.check import load as _load, procs as _procs
+from test_fds import fd_table
 
 SUPPORTED = _mold.unsupported() is None
 
@@ -455,30 +456,8 @@ def _state_of(pid):
         return None, None
 
 
-def _fd_targets(pid):
-    table = {}
-    try:
-        for fd in os.listdir("/proc/%d/fd" % pid):
-            try:
-                table[fd] = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return table
-
-
 def _group(pgid):
     return sorted(pid for pid, _, group, _ in _procs.live_processes() if group == pgid)
-
-
-def _wait(predicate, timeout, what, server):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s\n%s" % (what, server.log()))
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
@@ -489,7 +468,7 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFE_GTHREAD_APP_READY_DIR", str(imported))
     server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
     arbiter = server.proc.pid
-    _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
+    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
     mold = int(_MOLD_READY.search(server.errorlog()).group(1))
     assert _state_of(mold)[1] == arbiter
 
@@ -500,8 +479,8 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
         except (OSError, EOFError, ValueError):
             failed += 1
     assert failed == 0
-    _wait(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 10,
-          "four workers forked from the mold", server)
+    server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 10,
+          "four workers forked from the mold")
     forked = [int(pid) for pid, source in _FORKED.findall(server.errorlog())
               if int(source) == mold]
     assert len(forked) >= 4
@@ -509,8 +488,7 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     def ready_times():
         return dict((int(pid), float(took))
                     for pid, took in _READY_AFTER_FORK.findall(server.errorlog()))
-    _wait(lambda: set(forked) <= set(ready_times()), 10, "the forked workers to be ready",
-          server)
+    server.wait_for(lambda: set(forked) <= set(ready_times()), 10, "the forked workers to be ready")
     ready = ready_times()
     log = server.errorlog()
     for pid in forked:
@@ -526,38 +504,37 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     # the mold's socket), the mold none, once no spawn is under way (during one, the mold
     # and the new worker briefly hold the received descriptor and its dup2 copy).
     def beats(pid):
-        return [t for t in _fd_targets(pid).values() if "wgunicorn-" in t]
+        return [t for t in fd_table(pid).values() if "wgunicorn-" in t]
 
     def settled():
         return not beats(mold) and all(
             len(beats(pid)) == 1 or _state_of(pid)[0] in (None, "Z") for pid in forked)
-    _wait(settled, 10, "the mold to hold no heartbeat file, each worker its own only",
-          server)
-    mold_sockets = set(t for t in _fd_targets(mold).values() if t.startswith("socket:"))
-    listeners = set(t for t in _fd_targets(arbiter).values() if t.startswith("socket:"))
+    server.wait_for(settled, 10, "the mold to hold no heartbeat file, each worker its own only")
+    mold_sockets = set(t for t in fd_table(mold).values() if t.startswith("socket:"))
+    listeners = set(t for t in fd_table(arbiter).values() if t.startswith("socket:"))
     for pid in forked:
         private = mold_sockets - listeners  # the mold's end of its socketpair
-        assert not private & set(_fd_targets(pid).values()), pid
+        assert not private & set(fd_table(pid).values()), pid
 
     # The workers that retired were reaped by the arbiter (no zombies left behind).
     exited = [int(pid) for pid in re.findall(r"Worker exiting \(pid: (\d+)\)", log)]
     assert set(forked) & set(exited)
-    _wait(lambda: all(_state_of(pid)[0] is None for pid in exited), 10,
-          "the retired workers to be reaped", server)
+    server.wait_for(lambda: all(_state_of(pid)[0] is None for pid in exited), 10,
+          "the retired workers to be reaped")
     assert server.tracebacks() == 0
     assert not re.search(r"\[ERROR\]", log), log
 
     # A clean stop: the arbiter, its workers and the mold are all gone.
     server.signal(signal.SIGTERM)
     server.wait_exit(30)
-    _wait(lambda: not _group(arbiter), 10, "every process of the group to exit", server)
+    server.wait_for(lambda: not _group(arbiter), 10, "every process of the group to exit")
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
 def test_a_killed_mold_is_replaced(gunicorn_server, monkeypatch):
     monkeypatch.setenv("SAFE_GTHREAD_APP_BOOT_SLEEP", "0.5")
     server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
-    _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
+    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
     first = int(_MOLD_READY.search(server.errorlog()).group(1))
     # Under load (8 clients, restarts every 15 requests a worker): the mold is killed,
     # workers boot the normal way until its replacement is ready, nothing fails.
@@ -636,7 +613,7 @@ def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
     molds = [int(pid) for pid in _MOLD_READY.findall(server.errorlog())]
     second = molds[-1]
     assert second != first
-    _wait(lambda: _state_of(first)[0] is None, 10, "the first mold to exit", server)
+    server.wait_for(lambda: _state_of(first)[0] is None, 10, "the first mold to exit")
     new_workers = server.worker_pids()
     forked = dict((int(pid), int(mold)) for pid, mold in _FORKED.findall(server.errorlog()))
     assert new_workers and all(forked.get(pid) == second for pid in new_workers)
@@ -645,12 +622,12 @@ def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
     # reload itself: one ERROR naming the cause, no new worker forked or booted the
     # normal way (each would import the broken code and fail), the workers of the
     # previous generation keep serving v2.
-    _wait(lambda: len(server.worker_pids()) == 2, 10, "the first generation gone", server)
+    server.wait_for(lambda: len(server.worker_pids()) == 2, 10, "the first generation gone")
     # Reaped, too: gunicorn 21 - 25 may log an ERROR "Worker (pid:N) was sent SIGTERM!" as
     # it reaps the previous generation after a HUP, mold or not; not this test's concern.
-    _wait(lambda: all(_state_of(pid)[0] is None for pid, mold in forked.items()
+    server.wait_for(lambda: all(_state_of(pid)[0] is None for pid, mold in forked.items()
                       if mold == first), 10,
-          "the first generation reaped", server)
+          "the first generation reaped")
     serving = sorted(server.worker_pids())
     before = len(server.errorlog())
     booted = server.errorlog().count("Booting worker")
@@ -658,7 +635,7 @@ def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
     with open(os.path.join(server.directory, "web.py"), "w") as fh:
         fh.write(_WEB % b"v3")
     server.signal(signal.SIGHUP)
-    _wait(lambda: "reload failed" in server.errorlog(), 20, "the failed reload", server)
+    server.wait_for(lambda: "reload failed" in server.errorlog(), 20, "the failed reload")
     assert set(_versions(server, 20)) == {b"v2"}
     assert server.proc.poll() is None
     log = server.errorlog()
@@ -679,7 +656,7 @@ def test_a_fault_of_ours_leaves_gunicorn_spawning_as_stock(gunicorn_server, monk
     assert set(_versions(server, 40)) == {b"Hello World"}
     # Two workers, 40 requests, max_requests 10: restarts go on (the last one may still
     # be booting when the requests end).
-    _wait(lambda: server.restarts() >= 2, 10, "two restarts", server)
+    server.wait_for(lambda: server.restarts() >= 2, 10, "two restarts")
     errors = re.findall(r"\[ERROR\] (.*)", server.errorlog())
     assert len(errors) == 1 and "mold failed and is off" in errors[0], errors
     assert "forked from mold" not in server.errorlog()
@@ -695,24 +672,24 @@ def test_gunicorn_timeout_ttin_ttou_and_quit_reach_forked_workers(gunicorn_serve
     # A worker whose heartbeat stops (SIGSTOP) is killed by gunicorn's timeout.
     victim = server.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)
-    _wait(lambda: "WORKER TIMEOUT (pid:%d)" % victim in server.errorlog(), 15,
-          "gunicorn's timeout", server)
-    _wait(lambda: _state_of(victim)[0] is None and len(server.worker_pids()) == 2, 15,
-          "the hung worker reaped and replaced", server)
+    server.wait_for(lambda: "WORKER TIMEOUT (pid:%d)" % victim in server.errorlog(), 15,
+          "gunicorn's timeout")
+    server.wait_for(lambda: _state_of(victim)[0] is None and len(server.worker_pids()) == 2, 15,
+          "the hung worker reaped and replaced")
     assert set(server.worker_pids()) <= set(forked())
 
     # TTIN forks one more from the mold; TTOU takes one away.
     server.signal(signal.SIGTTIN)
-    _wait(lambda: len(server.worker_pids()) == 3, 10, "a third worker", server)
+    server.wait_for(lambda: len(server.worker_pids()) == 3, 10, "a third worker")
     assert set(server.worker_pids()) <= set(forked())
     server.signal(signal.SIGTTOU)
-    _wait(lambda: len(server.worker_pids()) == 2, 10, "back to two workers", server)
+    server.wait_for(lambda: len(server.worker_pids()) == 2, 10, "back to two workers")
     assert server.serves()
 
     # QUIT: a quick stop; nothing of the group is left.
     server.signal(signal.SIGQUIT)
     server.wait_exit(30)
-    _wait(lambda: not _group(arbiter), 10, "every process of the group to exit", server)
+    server.wait_for(lambda: not _group(arbiter), 10, "every process of the group to exit")
     assert server.tracebacks() == 0
 
 
@@ -779,8 +756,8 @@ def test_an_orphan_exiting_with_status_4_does_not_halt_the_server(gunicorn_serve
     workers = sorted(server.worker_pids())
     for _ in range(3):
         assert _load.request(server.address, timeout=5.0)[0] == 200
-    _wait(lambda: server.errorlog().count("unknown child process") >= 3, 10,
-          "the arbiter to reap the three orphans", server)
+    server.wait_for(lambda: server.errorlog().count("unknown child process") >= 3, 10,
+          "the arbiter to reap the three orphans")
     time.sleep(0.5)
     assert server.proc.poll() is None and server.serves()
     assert sorted(server.worker_pids()) == workers
@@ -824,11 +801,10 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
     INT to the new master stops it, and nothing of either group is left."""
     server = gunicorn_server("safe", loglevel="debug", config=MOLD_CONFIG)
     old = server.proc.pid
-    _wait(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready", server)
+    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
     first_mold = int(_MOLD_READY.search(server.errorlog()).group(1))
     server.signal(signal.SIGUSR2)
-    _wait(lambda: len(_LISTENING.findall(server.errorlog())) >= 2, 20, "the new master",
-          server)
+    server.wait_for(lambda: len(_LISTENING.findall(server.errorlog())) >= 2, 20, "the new master")
     new = int(_LISTENING.findall(server.errorlog())[-1])
     assert new != old
 
@@ -838,15 +814,15 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
     def new_forks():
         return [int(pid) for pid, mold in _FORKED.findall(server.errorlog())
                 if int(mold) in new_molds()]
-    _wait(lambda: len(new_forks()) >= server.settings["workers"], 30,
-          "the new master's workers, forked from its own mold", server)
+    server.wait_for(lambda: len(new_forks()) >= server.settings["workers"], 30,
+          "the new master's workers, forked from its own mold")
     for mold in new_molds():
         assert _state_of(mold)[1] == new, (mold, _state_of(mold))
 
     server.signal(signal.SIGTERM)  # the old master goes
     server.wait_exit(30)
-    _wait(lambda: _state_of(first_mold)[0] is None, 10, "the old mold to exit", server)
+    server.wait_for(lambda: _state_of(first_mold)[0] is None, 10, "the old mold to exit")
     assert server.serves(), server.log()
     os.kill(new, signal.SIGINT)
-    _wait(lambda: not _group(old), 20, "every process of the group to exit", server)
+    server.wait_for(lambda: not _group(old), 20, "every process of the group to exit")
     assert server.tracebacks() == 0, server.log()
