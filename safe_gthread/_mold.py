@@ -687,13 +687,7 @@ class Molds(object):
             cause = self._poll(arbiter, mold)
             if cause is not None:
                 self.failed(arbiter, mold, "it cannot load the app: %s" % cause)
-        mold = self.mold
-        if mold is not None and not mold.matches(arbiter):
-            _log.info("safe-gthread: mold %s retired (a new configuration or new "
-                      "listeners)", mold.pid)
-            self._retire(mold)
-            self.failures, self.retry_at = 0, None
-            mold = None
+        mold = self._current(arbiter)
         if mold is not None and mold.ready_at is None:
             timeout = self.load_timeout(arbiter)
             if self.clock() - mold.started > timeout:
@@ -718,6 +712,18 @@ class Molds(object):
             self.stop()
             return True
         return False
+
+    def _current(self, arbiter):
+        """The mold for the arbiter's generation, or None: one of another configuration
+        or other listeners is retired first (and its failures forgotten)."""
+        mold = self.mold
+        if mold is not None and not mold.matches(arbiter):
+            _log.info("safe-gthread: mold %s retired (a new configuration or new "
+                      "listeners)", mold.pid)
+            self._retire(mold)
+            self.failures, self.retry_at = 0, None
+            mold = None
+        return mold
 
     def backing_off(self):
         return self.retry_at is not None and self.clock() < self.retry_at
@@ -901,13 +907,7 @@ class Molds(object):
         reloading = _reloading()
         if reloading is not None and reloading.failed:
             return _SKIP  # this HUP's mold could not load the new code: no new worker
-        mold = self.mold
-        if mold is not None and not mold.matches(arbiter):
-            _log.info("safe-gthread: mold %s retired (a new configuration or new "
-                      "listeners)", mold.pid)
-            self._retire(mold)
-            self.failures, self.retry_at = 0, None
-            mold = None
+        mold = self._current(arbiter)
         if mold is None and not self.backing_off():
             mold = self._start(arbiter)
         if mold is None:
