@@ -49,7 +49,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import KeysView, MutableMapping
 
 from gunicorn import arbiter as gunicorn_arbiter
 
@@ -399,7 +399,10 @@ class _Discounted(MutableMapping):
         return [(pid, worker) for pid, worker in pairs if pid not in self._hidden]
 
     def keys(self):
-        return [pid for pid, _ in self.items()]
+        # gunicorn 19.x counts ``len(self.WORKERS.keys())``: the view's own count,
+        # padding included (a list of the pids left the padding out, and a backoff's
+        # empty slot was refilled at once: a respawn loop of failing boots).
+        return KeysView(self)
 
     def values(self):
         return [worker for _, worker in self.items()]
