@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -101,6 +102,19 @@ def describe_failure(exc):
         last = frames[-1]
         text += " (%s:%s)" % (os.path.basename(last[0]), last[1])
     return " ".join(text.split())
+
+
+def _ignore_sigterm():
+    """The loop is over: a later SIGTERM has nothing to stop. gunicorn 21 - 23 send every
+    old worker a SIGTERM at each pass of manage_workers during a HUP; one that lands
+    while the interpreter shuts down (its Python handlers already reset to SIG_DFL)
+    kills the worker, and gunicorn logs "Worker (pid:N) was sent SIGTERM!" at ERROR on
+    an ordinary deploy (benoitc/gunicorn#3050, fixed in 24.0). SIG_IGN outlives that
+    reset; gunicorn's timeout still ends a worker that hangs in its exit (SIGKILL)."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass  # not the main thread: nothing to protect
 
 
 def fmt_mib(nbytes):
@@ -247,6 +261,8 @@ class Worker(_Retirement, ThreadWorker):
             if sampler is not None:
                 sampler.set()
             self._log_retirement()
+            _ignore_sigterm()
+
 
     # -- triggers ----------------------------------------------------------------------
     def notify(self):

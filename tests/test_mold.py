@@ -623,8 +623,6 @@ def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
     # normal way (each would import the broken code and fail), the workers of the
     # previous generation keep serving v2.
     server.wait_for(lambda: len(server.worker_pids()) == 2, 10, "the first generation gone")
-    # Reaped, too: gunicorn 21 - 25 may log an ERROR "Worker (pid:N) was sent SIGTERM!" as
-    # it reaps the previous generation after a HUP, mold or not; not this test's concern.
     server.wait_for(lambda: all(_state_of(pid)[0] is None for pid, mold in forked.items()
                       if mold == first), 10,
           "the first generation reaped")

@@ -27,6 +27,12 @@ STOCK_ANSWERS_PIPELINED = GUNICORN >= (27, 0, 0)
 #: worker: from that response on it says ``Connection: close`` (27.0.1 included).
 STOCK_ANSWERS_PIPELINED_WHILE_RETIRING = False
 
+#: gunicorn 21 - 23: a HUP sends each old worker a SIGTERM at every pass of
+#: manage_workers, and one that lands while the worker's interpreter shuts down kills it:
+#: "Worker (pid:N) was sent SIGTERM!" at ERROR (benoitc/gunicorn#3050). 19.x - 20.x do
+#: the same but log nothing for it; 24.0 sends one SIGTERM per worker.
+STOCK_HUP_LOGS_SIGTERM_ERROR = (21,) <= GUNICORN < (24,)
+
 #: The ``reuse_port`` setting exists from 19.8 (19.6.0 ignores the name in a config file).
 HAS_REUSE_PORT = GUNICORN >= (19, 8)
 
