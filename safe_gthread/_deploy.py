@@ -85,6 +85,7 @@ class Deploys(object):
         self.failures = 0  # consecutive failed boots
         self.retry_at = None
         self.held = {}  # pid -> age: told to serve past max_requests
+        self.holder = None  # the arbiter whose workers are held (``drop``)
         self.boot_failures = 0  # all time
         self.served = False  # some worker has been ready since this arbiter started
         self.reload_failures = 0
@@ -284,6 +285,7 @@ class Deploys(object):
 
     # -- HOLD: serve past max_requests while successors cannot boot ------------------------
     def _hold_all(self, arbiter):
+        self.holder = arbiter
         for pid, age in list(self.ready.items()):
             if pid not in self.held and _same(arbiter.WORKERS, pid, age):
                 self.held[pid] = age
@@ -295,6 +297,12 @@ class Deploys(object):
             if _same(arbiter.WORKERS, pid, age) and self.write is not None:
                 self.write(arbiter, pid, 0)
         self.held.clear()
+
+    def drop(self):
+        """A fault of ours drops this state: no worker may stay held past max_requests
+        by a state nobody reads any more (gunicorn's own ``max_requests`` again)."""
+        if self.held and self.holder is not None:
+            self._release_holds(self.holder)
 
     # -- HUP -------------------------------------------------------------------------------
     def hold_spawn(self):

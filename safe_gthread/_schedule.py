@@ -191,6 +191,7 @@ class _Scheduler(object):
             _log.error("safe-gthread: deploy protection failed and is off from now on "
                        "(gunicorn's own behaviour: a worker that cannot boot halts it)",
                        exc_info=True)
+            _drop(deploy)
             return None
 
     def _successor_ready(self, arbiter, pid, age, now):
@@ -607,8 +608,19 @@ def install():
 
 def forget():
     """A fault turned the scheduler off: nothing may read its state any more (new
-    workers' boots are not guarded, reuse_port gets no hints): gunicorn's own."""
-    _patch.here().scheduler = None
+    workers' boots are not guarded, reuse_port gets no hints, held workers are
+    released): gunicorn's own."""
+    process = _patch.here()
+    scheduler, process.scheduler = process.scheduler, None
+    if scheduler is not None and scheduler.deploy is not None:
+        _drop(scheduler.deploy)
+
+
+def _drop(deploy):
+    try:
+        deploy.drop()
+    except Exception:  # the state that just failed: what is left is at most a hold
+        _log.debug("safe-gthread: releasing the held workers failed", exc_info=True)
 
 
 def uninstall():

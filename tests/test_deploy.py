@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from safe_gthread import _deploy, _schedule, _worker
+from safe_gthread import _deploy, _patch, _schedule, _worker
 from safe_gthread.check import load as _load
 from versions import STOCK_WORKERS_UNLINK
 
@@ -274,6 +274,28 @@ def test_the_scheduler_turns_a_faulty_deploy_state_off(caplog):
     assert "deploy protection failed" in caplog.text and "ValueError: bug" in caplog.text
     scheduler.prune(arbiter)
     assert scheduler.discounted() == frozenset()
+
+
+@pytest.mark.parametrize("fault", ["deploy", "scheduler"])
+def test_a_fault_releases_the_held_workers(monkeypatch, fault):
+    """Held past max_requests by a failed boot, then a fault of ours drops the state
+    that would release them: they are released at once (gunicorn's max_requests)."""
+    arbiter, deploy, _, holds = make(2)
+    pid = arbiter.spawn_worker(guarded=True)
+    deploy.spawned(arbiter, pid, arbiter.WORKERS[pid], _deploy.REPLACEMENT)
+    deploy.on_boot_failed(arbiter, pid, arbiter.WORKERS[pid].age, "ImportError: x")
+    assert sorted(holds) == [(1001, 1), (1002, 1)]
+    scheduler = _schedule._Scheduler()
+    scheduler.deploy = deploy
+    if fault == "deploy":
+        monkeypatch.setattr(deploy, "prune", lambda arbiter: 1 / 0)
+        scheduler._deploy("prune", arbiter)
+        assert scheduler.deploy is None
+    else:
+        monkeypatch.setattr(_patch.here(), "scheduler", scheduler)
+        _schedule.forget()
+        assert _patch.here().scheduler is None
+    assert sorted(holds[2:]) == [(1001, 0), (1002, 0)] and not deploy.held
 
 
 def test_the_worker_describes_a_failure_in_one_line():
