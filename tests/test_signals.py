@@ -79,7 +79,7 @@ def test_a_hup_logs_no_error(gunicorn_server, worker):
         pytest.skip("the stock 19.6.0 worker loses the socket at a HUP (the control above)")
     server = gunicorn_server(worker, workers=4)
     expect_error = worker == "stock" and STOCK_HUP_LOGS_SIGTERM_ERROR
-    for _ in range(8 if expect_error else 4):
+    for _ in range(8 if expect_error else 3):
         server.reload()
         if expect_error and "was sent SIGTERM" in server.errorlog():
             break
