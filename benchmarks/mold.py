@@ -31,7 +31,7 @@ restarts less often is not cheaper per restart for it), and every run samples it
 workers' USS (Private_Clean + Private_Dirty) and PSS from /proc/PID/smaps_rollup near
 the end of the load, and the whole server's PSS (arbiter, mold, workers).
 
-    python3 benchmarks/mold.py report --venv /work/main/.matrix/gunicorn27.0.1-py3.13 --pairs 5
+    python3 benchmarks/mold.py report --venv .matrix/gunicorn27.0.1-py3.13 --pairs 5
     python3 benchmarks/mold.py slow-import --venv .bench/gunicorn27.0.1-py3.13 --pairs 5
 
 ``--venv`` runs this tree from an existing venv with gunicorn installed (PYTHONPATH, no
