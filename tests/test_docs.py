@@ -16,7 +16,7 @@ EXAMPLES = os.path.join(ROOT, "examples")
 #: English pages that have a Japanese counterpart under docs/ja/ with the same code.
 TRANSLATED = ["index.md", "install.md", "deploy.md", "deploying.md", "upgrading.md",
               "troubleshooting.md", "reuse-port.md", "rollout.md", "settings.md",
-              "lifecycle.md", "api.md"]
+              "lifecycle.md", "api.md", "mold.md"]
 
 #: Languages of whole configuration files: a block in one of these must be a file
 #: under examples/, marked ``<!-- examples/NAME -->`` on the line before it.
