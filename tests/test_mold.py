@@ -824,3 +824,75 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
     os.kill(new, signal.SIGINT)
     server.wait_for(lambda: not _group(old), 20, "every process of the group to exit")
     assert server.tracebacks() == 0, server.log()
+
+
+def _uid(pid):
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith("Uid:"):
+                return int(line.split()[2])  # the effective uid
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_usr1_reopens_the_logs_of_workers_forked_later(gunicorn_server):
+    """A log rotation (rename, then USR1): the arbiter reopens its files and forwards the
+    signal to the mold, which reopens its own before its next spawn. Workers forked after
+    the rotation write to the new file, not to the renamed one they would otherwise
+    inherit from the mold."""
+    server = gunicorn_server("safe", max_requests=10, loglevel="debug", config=MOLD_CONFIG)
+    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
+    rotated = server.log_path + ".1"
+    os.rename(server.log_path, rotated)
+    server.signal(signal.SIGUSR1)
+    server.wait_for(lambda: os.path.exists(server.log_path), 10, "the arbiter to reopen the log")
+    failed = 0
+    for _ in range(60):  # 2 workers x 10 requests each: several restarts
+        try:
+            failed += _load.request(server.address, timeout=5.0)[0] != 200
+        except (OSError, EOFError, ValueError):
+            failed += 1
+    assert failed == 0
+    server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 2, 20,
+                    "workers forked after the rotation")
+    after = [int(pid) for pid, _ in _FORKED.findall(server.errorlog())]
+    # "Booting worker" is the worker's own first line, written by the forked process.
+    server.wait_for(lambda: all("Booting worker with pid: %d" % pid in server.errorlog()
+                                for pid in after), 10, "their own lines in the new file")
+    old_text = _procs.read_text(rotated)
+    assert not any("Booting worker with pid: %d" % pid in old_text for pid in after)
+    assert server.tracebacks() == 0, server.log()
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+def test_user_and_group_drop_privileges_in_forked_workers(gunicorn_server):
+    """``user``/``group`` with the mold: the mold imports the app as the arbiter's user
+    (root), as preload_app does; every worker forked from it runs as ``user``, serves,
+    and restarts (max_requests) keep forking from the mold."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the tests as root")
+        pytest.skip("needs root to switch users")
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    # This machine's pyenv Pythons live under /root (mode 0700): a module gunicorn imports
+    # lazily after the worker dropped privileges (hashlib, by util.seed) is imported in
+    # the arbiter first. Nothing else here depends on where Python is installed.
+    server = gunicorn_server("safe", max_requests=10, loglevel="debug", user="nobody",
+                             group=str(nobody.pw_gid), config=["import hashlib"] + MOLD_CONFIG)
+    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
+    mold = int(_MOLD_READY.search(server.errorlog()).group(1))
+    assert _uid(mold) == 0
+    failed = 0
+    for _ in range(60):
+        try:
+            failed += _load.request(server.address, timeout=5.0)[0] != 200
+        except (OSError, EOFError, ValueError):
+            failed += 1
+    assert failed == 0, server.log()
+    server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 20,
+                    "restarts forked from the mold")
+    workers = server.worker_pids()
+    assert workers and all(_uid(pid) == nobody.pw_uid for pid in workers), server.log()
+    assert set(workers) <= set(int(pid) for pid, _ in _FORKED.findall(server.errorlog()))
+    assert server.tracebacks() == 0, server.log()
+    assert not re.search(r"\[ERROR\]", server.errorlog()), server.log()
