@@ -470,6 +470,20 @@ def imported_workers(tmp_path, monkeypatch):
                            if (ready_dir / str(pid)).exists()}
 
 
+def wait_steady(server, read, seconds, timeout, what):
+    """``read()`` once it has returned the same value for ``seconds``."""
+    last = [None, time.monotonic()]
+
+    def steady():
+        value = read()
+        if value != last[0]:
+            last[:] = [value, time.monotonic()]
+        return time.monotonic() - last[1] >= seconds
+
+    server.wait_for(steady, timeout, what)
+    return last[0]
+
+
 @pytest.mark.parametrize("worker", ["stock", "safe"])
 def test_an_empty_slot_while_the_code_is_broken_is_retried_with_the_backoff(
         gunicorn_server, monkeypatch, tmp_path, worker):
@@ -484,6 +498,7 @@ def test_an_empty_slot_while_the_code_is_broken_is_retried_with_the_backoff(
     load.start()
     try:
         load.wait_served(100)
+        server.wait_for(lambda: len(serving(server)) == 2, 30, "both workers to import")
         breaks()
         leaving, staying = sorted(serving(server))
         os.kill(leaving, signal.SIGTERM)
@@ -524,12 +539,11 @@ def test_broken_code_and_hup_under_churn(gunicorn_server, monkeypatch, tmp_path,
             assert load.stop().failed > 0
             return
         server.wait_for(lambda: "reload failed" in server.errorlog(), 30, "the ERROR")
-        # The reload's new workers gone. A worker that reached its max_requests just
-        # before the HUP held everyone may have left: then its slot is retried with the
-        # backoff, and a failing attempt may be alive now and then.
-        server.wait_for(lambda: set(server.worker_pids()) == serving(server), 30,
-                        "the failed ones to go")
-        old = serving(server)
+        # The workers that imported the app, once none has come or gone for a second: a
+        # worker that reached its max_requests just before the HUP held everyone may
+        # still leave, and its slot is then retried with the backoff (a failing attempt
+        # is alive now and then, and never imports).
+        old = wait_steady(server, lambda: serving(server), 1.0, 30, "the previous workers")
         attempts = server.errorlog().count("cannot boot")
         more = _load.run_load(server.address, max_requests=600, seconds=30, concurrency=4)
         assert more.failed == 0 and more.requests >= 600, server.log()  # past the limits
