@@ -635,12 +635,13 @@ class _Request(object):
         if os.getpid() != self.arbiter_pid:
             return
         if self.pid is not None and self.pid in workers:
+            # Logged before the worker may run: this line comes before its own lines.
+            _log.debug("safe-gthread: worker %s forked from mold %s", self.pid, self.mold.pid)
+            self.molds.forked += 1
             try:
                 os.write(self.go, b"1")
             except OSError:
                 pass
-            self.molds.forked += 1
-            _log.debug("safe-gthread: worker %s forked from mold %s", self.pid, self.mold.pid)
         self._close_go()
 
     def _close_go(self):

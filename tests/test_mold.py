@@ -665,7 +665,7 @@ def test_gunicorn_timeout_ttin_ttou_and_quit_reach_forked_workers(gunicorn_serve
     server = gunicorn_server("safe", timeout=2, loglevel="debug", config=MOLD_CONFIG)
     arbiter = server.proc.pid
     forked = lambda: [int(pid) for pid, _ in _FORKED.findall(server.errorlog())]
-    assert sorted(forked()) == sorted(server.worker_pids())  # the first ones too
+    assert sorted(forked()) == sorted(server.worker_pids()), server.log()  # the first too
 
     # A worker whose heartbeat stops (SIGSTOP) is killed by gunicorn's timeout.
     victim = server.worker_pids()[0]
@@ -674,12 +674,12 @@ def test_gunicorn_timeout_ttin_ttou_and_quit_reach_forked_workers(gunicorn_serve
           "gunicorn's timeout")
     server.wait_for(lambda: _state_of(victim)[0] is None and len(server.worker_pids()) == 2, 15,
           "the hung worker reaped and replaced")
-    assert set(server.worker_pids()) <= set(forked())
+    assert set(server.worker_pids()) <= set(forked()), server.log()
 
     # TTIN forks one more from the mold; TTOU takes one away.
     server.signal(signal.SIGTTIN)
     server.wait_for(lambda: len(server.worker_pids()) == 3, 10, "a third worker")
-    assert set(server.worker_pids()) <= set(forked())
+    assert set(server.worker_pids()) <= set(forked()), server.log()
     server.signal(signal.SIGTTOU)
     server.wait_for(lambda: len(server.worker_pids()) == 2, 10, "back to two workers")
     assert server.serves()
