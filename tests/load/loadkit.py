@@ -172,15 +172,19 @@ _LIFETIME = re.compile(r"worker \d+ served (\d+) requests")
 
 
 def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, settings,
-                  post=False, seconds=None, guard=False, bundled_app=False):
+                  post=False, seconds=None, guard=False, bundled_app=False, config=(),
+                  during=None):
     """One run: gunicorn with ``worker`` behind a real proxy, wrk -c200 through it, serving
     the report's bottle app (GET) or the bundled one (POST, ``bundled_app``, or no bottle
     installed); for ``seconds`` exactly when given (runs that compare goodput), else until
-    enough restarts. Every worker's request count is logged at its exit (``lifetimes``)."""
+    enough restarts. Every worker's request count is logged at its exit (``lifetimes``).
+    ``config``: more lines for the config file; ``during(server)``: called every 0.2 s
+    while wrk runs (to act on the server under load)."""
     require_tool(kind)
     if BOTTLE and not post and not bundled_app:
         settings = dict(settings, files=[WEB_PY], app="web:app")
-    server = gunicorn_server(worker, guard=guard, config=COUNT_REQUESTS, **settings)
+    server = gunicorn_server(worker, guard=guard, config=COUNT_REQUESTS + tuple(config),
+                             **settings)
     inode = server.inode()
     proxy = Proxy(kind, tmp_path / ("%s-%s-%s" % (kind, worker, os.path.basename(
         server.directory))), server.sock_path, upstream_keepalive=upstream_keepalive)
@@ -192,6 +196,8 @@ def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, s
         else:
             stop = stop_condition(server, inode, worker, lambda: proxy.upstream_failures())
             max_seconds = MAX_SECONDS
+        if during is not None:
+            stop = _acting(stop, server, during)
         requests, non2xx, errors, took, output = run_wrk(
             "http://127.0.0.1:%d/" % proxy.port, stop, max_seconds=max_seconds, script=script)
     finally:
@@ -204,6 +210,13 @@ def through_proxy(gunicorn_server, tmp_path, worker, kind, upstream_keepalive, s
                    detail=(traceback_blocks(server) if tracebacks else "") + output + "\n"
                    + server.log(),
                    lifetimes=[int(n) for n in _LIFETIME.findall(server.errorlog())])
+
+
+def _acting(stop, server, during):
+    def check():
+        during(server)
+        return stop()
+    return check
 
 
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n|\S.*Error.*\n)*",
