@@ -43,6 +43,14 @@ def require_tool(name):
     return path
 
 
+def require_root():
+    """Switching users needs root: skip on a laptop, fail under CI (which runs as root)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the tests as root: this test switches users")
+        pytest.skip("needs root to switch users")
+
+
 #: Test modules that start servers, proxies or builds without the gunicorn_server fixture.
 _PROCESS_MODULES = ("test_check", "test_docs", "test_examples", "test_packaging",
                     "test_upstream", "test_load_restarts")

@@ -26,7 +26,7 @@ import pytest
 from safe_gthread.check import load as _load, procs as _procs
 from safe_gthread.check.runner import Gunicorn, ServerError, gunicorn_script
 
-from conftest import require_tool
+from conftest import require_root, require_tool
 from versions import STOCK_WORKERS_UNLINK
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -483,14 +483,6 @@ def test_systemd_socket_activation(app_dir, started, variant):
 
 
 # -- as the unit's user -----------------------------------------------------------------------
-
-def require_root():
-    """Switching users needs root: skip on a laptop, fail under CI (which runs as root)."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the tests as root: test_examples_run_as_the_units_user")
-        pytest.skip("needs root to start gunicorn as the systemd unit's User=")
-
 
 def portable_python(dest):
     """This interpreter, its standard library and the distributions the examples import,

@@ -23,6 +23,7 @@ from gunicorn import arbiter as gunicorn_arbiter
 
 from safe_gthread import _compat, _deploy, _mold, _patch, _schedule
 from safe_gthread.check import load as _load, procs as _procs
+from conftest import require_root
 from test_fds import fd_table
 
 SUPPORTED = _mold.unsupported() is None
@@ -460,6 +461,23 @@ def _group(pgid):
     return sorted(pid for pid, _, group, _ in _procs.live_processes() if group == pgid)
 
 
+def _mold_ready(server):
+    """The pid of the server's first mold, once it has said it is ready."""
+    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
+    return int(_MOLD_READY.search(server.errorlog()).group(1))
+
+
+def _failed_requests(server, count):
+    """``count`` requests one after another: how many got no 200."""
+    failed = 0
+    for _ in range(count):
+        try:
+            failed += _load.request(server.address, timeout=5.0)[0] != 200
+        except (OSError, EOFError, ValueError):
+            failed += 1
+    return failed
+
+
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
 def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     imported = tmp_path / "imported"
@@ -468,19 +486,12 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFE_GTHREAD_APP_READY_DIR", str(imported))
     server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
     arbiter = server.proc.pid
-    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
-    mold = int(_MOLD_READY.search(server.errorlog()).group(1))
+    mold = _mold_ready(server)
     assert _state_of(mold)[1] == arbiter
 
-    failed = 0
-    for _ in range(80):
-        try:
-            failed += _load.request(server.address, timeout=5.0)[0] != 200
-        except (OSError, EOFError, ValueError):
-            failed += 1
-    assert failed == 0
+    assert _failed_requests(server, 80) == 0
     server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 10,
-          "four workers forked from the mold")
+                    "four workers forked from the mold")
     forked = [int(pid) for pid, source in _FORKED.findall(server.errorlog())
               if int(source) == mold]
     assert len(forked) >= 4
@@ -520,7 +531,7 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     exited = [int(pid) for pid in re.findall(r"Worker exiting \(pid: (\d+)\)", log)]
     assert set(forked) & set(exited)
     server.wait_for(lambda: all(_state_of(pid)[0] is None for pid in exited), 10,
-          "the retired workers to be reaped")
+                    "the retired workers to be reaped")
     assert server.tracebacks() == 0
     assert not re.search(r"\[ERROR\]", log), log
 
@@ -534,8 +545,7 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
 def test_a_killed_mold_is_replaced(gunicorn_server, monkeypatch):
     monkeypatch.setenv("SAFE_GTHREAD_APP_BOOT_SLEEP", "0.5")
     server = gunicorn_server("safe", max_requests=15, loglevel="debug", config=MOLD_CONFIG)
-    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
-    first = int(_MOLD_READY.search(server.errorlog()).group(1))
+    first = _mold_ready(server)
     # Under load (8 clients, restarts every 15 requests a worker): the mold is killed,
     # workers boot the normal way until its replacement is ready, nothing fails.
     replaced = lambda: len(set(_MOLD_READY.findall(server.errorlog()))) >= 2
@@ -604,7 +614,7 @@ def test_a_hup_loads_the_new_code_in_a_new_mold(gunicorn_server, tmp_path):
     server = gunicorn_server("safe", app="web:app", files=[str(source)], loglevel="debug",
                              config=MOLD_CONFIG)
     assert set(_versions(server)) == {b"v1"}
-    first = int(_MOLD_READY.search(server.errorlog()).group(1))
+    first = _mold_ready(server)
 
     with open(os.path.join(server.directory, "web.py"), "w") as fh:
         fh.write(_WEB % b"v2")
@@ -671,9 +681,9 @@ def test_gunicorn_timeout_ttin_ttou_and_quit_reach_forked_workers(gunicorn_serve
     victim = server.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)
     server.wait_for(lambda: "WORKER TIMEOUT (pid:%d)" % victim in server.errorlog(), 15,
-          "gunicorn's timeout")
+                    "gunicorn's timeout")
     server.wait_for(lambda: _state_of(victim)[0] is None and len(server.worker_pids()) == 2, 15,
-          "the hung worker reaped and replaced")
+                    "the hung worker reaped and replaced")
     assert set(server.worker_pids()) <= set(forked()), server.log()
 
     # TTIN forks one more from the mold; TTOU takes one away.
@@ -755,7 +765,7 @@ def test_an_orphan_exiting_with_status_4_does_not_halt_the_server(gunicorn_serve
     for _ in range(3):
         assert _load.request(server.address, timeout=5.0)[0] == 200
     server.wait_for(lambda: server.errorlog().count("unknown child process") >= 3, 10,
-          "the arbiter to reap the three orphans")
+                    "the arbiter to reap the three orphans")
     time.sleep(0.5)
     assert server.proc.poll() is None and server.serves()
     assert sorted(server.worker_pids()) == workers
@@ -799,8 +809,7 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
     INT to the new master stops it, and nothing of either group is left."""
     server = gunicorn_server("safe", loglevel="debug", config=MOLD_CONFIG)
     old = server.proc.pid
-    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
-    first_mold = int(_MOLD_READY.search(server.errorlog()).group(1))
+    first_mold = _mold_ready(server)
     server.signal(signal.SIGUSR2)
     server.wait_for(lambda: len(_LISTENING.findall(server.errorlog())) >= 2, 20, "the new master")
     new = int(_LISTENING.findall(server.errorlog())[-1])
@@ -813,7 +822,7 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
         return [int(pid) for pid, mold in _FORKED.findall(server.errorlog())
                 if int(mold) in new_molds()]
     server.wait_for(lambda: len(new_forks()) >= server.settings["workers"], 30,
-          "the new master's workers, forked from its own mold")
+                    "the new master's workers, forked from its own mold")
     for mold in new_molds():
         assert _state_of(mold)[1] == new, (mold, _state_of(mold))
 
@@ -840,18 +849,12 @@ def test_usr1_reopens_the_logs_of_workers_forked_later(gunicorn_server):
     the rotation write to the new file, not to the renamed one they would otherwise
     inherit from the mold."""
     server = gunicorn_server("safe", max_requests=10, loglevel="debug", config=MOLD_CONFIG)
-    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
+    _mold_ready(server)
     rotated = server.log_path + ".1"
     os.rename(server.log_path, rotated)
     server.signal(signal.SIGUSR1)
     server.wait_for(lambda: os.path.exists(server.log_path), 10, "the arbiter to reopen the log")
-    failed = 0
-    for _ in range(60):  # 2 workers x 10 requests each: several restarts
-        try:
-            failed += _load.request(server.address, timeout=5.0)[0] != 200
-        except (OSError, EOFError, ValueError):
-            failed += 1
-    assert failed == 0
+    assert _failed_requests(server, 60) == 0  # 2 workers x 10 requests each: restarts
     server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 2, 20,
                     "workers forked after the rotation")
     after = [int(pid) for pid, _ in _FORKED.findall(server.errorlog())]
@@ -868,10 +871,7 @@ def test_user_and_group_drop_privileges_in_forked_workers(gunicorn_server):
     """``user``/``group`` with the mold: the mold imports the app as the arbiter's user
     (root), as preload_app does; every worker forked from it runs as ``user``, serves,
     and restarts (max_requests) keep forking from the mold."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the tests as root")
-        pytest.skip("needs root to switch users")
+    require_root()
     import pwd
     nobody = pwd.getpwnam("nobody")
     # This machine's pyenv Pythons live under /root (mode 0700): a module gunicorn imports
@@ -879,16 +879,9 @@ def test_user_and_group_drop_privileges_in_forked_workers(gunicorn_server):
     # the arbiter first. Nothing else here depends on where Python is installed.
     server = gunicorn_server("safe", max_requests=10, loglevel="debug", user="nobody",
                              group=str(nobody.pw_gid), config=["import hashlib"] + MOLD_CONFIG)
-    server.wait_for(lambda: _MOLD_READY.search(server.errorlog()), 20, "the mold to be ready")
-    mold = int(_MOLD_READY.search(server.errorlog()).group(1))
+    mold = _mold_ready(server)
     assert _uid(mold) == 0
-    failed = 0
-    for _ in range(60):
-        try:
-            failed += _load.request(server.address, timeout=5.0)[0] != 200
-        except (OSError, EOFError, ValueError):
-            failed += 1
-    assert failed == 0, server.log()
+    assert _failed_requests(server, 60) == 0, server.log()
     server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 20,
                     "restarts forked from the mold")
     workers = server.worker_pids()
