@@ -263,7 +263,6 @@ class Worker(_Retirement, ThreadWorker):
             self._log_retirement()
             _ignore_sigterm()
 
-
     # -- triggers ----------------------------------------------------------------------
     def notify(self):
         super().notify()
