@@ -7,9 +7,11 @@ answers "not recognised", and the code that depends on it then changes nothing a
 gunicorn and says so in one WARNING line (``warn_unrecognised``): never an exception in
 the arbiter. ``tests/test_compat.py`` pins what each matrix cell must detect.
 """
+import atexit
 import inspect
 import logging
 import platform
+import threading
 
 import gunicorn
 from gunicorn import arbiter as gunicorn_arbiter
@@ -200,6 +202,13 @@ def _statsd_timer_type():
 #: The ``mtype`` gunicorn's statsd logger sends as a timer ("|ms"): "timer" where it has
 #: one (it then sends "histogram" as "|h"), "histogram" before (sent as "|ms").
 STATSD_TIMER_TYPE = _statsd_timer_type()
+
+#: Python's own exit steps before its teardown, as functions we can call (CPython 3.6 to
+#: 3.13): ``threading._shutdown`` (threading's atexit calls, then join the non-daemon
+#: threads) and ``atexit._run_exitfuncs``. Without them a worker forked from the mold
+#: exits through the interpreter's full teardown.
+EXIT_STEPS = (getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None))
+EXIT_WITHOUT_TEARDOWN = all(callable(step) for step in EXIT_STEPS)
 
 _warned = _patch.Once()
 

@@ -1,5 +1,8 @@
 """What _compat must detect on each gunicorn of the matrix (attrs-style: the flags are
 computed from gunicorn itself; these version facts pin them)."""
+import atexit
+import threading
+
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -43,6 +46,12 @@ def test_gthread_generation():
 
 def test_only_27_0_0_closes_kept_alive_connections_at_once_on_stop():
     assert _compat.STOP_CLOSES_KEPT_ALIVE_AT_ONCE == (GUNICORN == (27, 0, 0))
+
+
+def test_python_exit_steps_callable_on_every_cell():
+    # CPython 3.6 - 3.13 have both: the mold's workers exit through them (no teardown).
+    assert _compat.EXIT_WITHOUT_TEARDOWN
+    assert _compat.EXIT_STEPS == (threading._shutdown, atexit._run_exitfuncs)
 
 
 def test_worker_takes_the_branch_for_this_generation():

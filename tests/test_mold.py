@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -441,6 +442,61 @@ def test_a_spawn_worker_of_another_shape_is_refused(monkeypatch):
         "pre_fork)" in reason
 
 
+# -- a forked worker's exit ----------------------------------------------------------------
+_EXIT = '''import atexit, os, sys, threading, time
+from safe_gthread import _mold
+
+notes, code, how = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def note(text, os=os, notes=notes):  # bound: the teardown clears modules and builtins
+    fd = os.open(notes, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, text.encode() + b"\\n")
+    os.close(fd)
+
+
+class Finalized(object):
+    def __del__(self, note=note):
+        note("teardown")
+
+
+kept = Finalized()
+atexit.register(note, "atexit")
+threading.Thread(target=lambda: (time.sleep(0.3), note("thread"))).start()
+sys.stdout.write("buffered")  # a pipe: block-buffered until the exit flushes it
+try:
+    sys.exit(None if code == "none" else int(code) if code.lstrip("-").isdigit() else code)
+except SystemExit as exc:
+    if how == "ours":
+        _mold.exit_without_teardown(exc)
+    raise
+'''
+
+
+@pytest.mark.parametrize("code", ["0", "3", "4", "-1", "none", "a message"])
+def test_exit_without_teardown_is_python_exit_but_the_teardown(tmp_path, code):
+    script = tmp_path / "exits.py"
+    script.write_text(_EXIT)
+    ran = {}
+    for how in ("python", "ours"):
+        notes = tmp_path / how
+        proc = subprocess.run([sys.executable, str(script), str(notes), code, how],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        ran[how] = (proc.returncode, proc.stdout, proc.stderr, notes.read_text().split())
+    # The same status, output and exit steps (the thread joined, then atexit)...
+    assert ran["ours"][:3] == ran["python"][:3]
+    assert ran["python"][1] == b"buffered"
+    assert ran["python"][3][:2] == ran["ours"][3] == ["thread", "atexit"], ran
+    # ...but no teardown: the control shows the finalizer Python's own exit runs.
+    assert ran["python"][3][2:] == ["teardown"], ran
+
+
+def test_exit_without_teardown_returns_where_python_lacks_the_steps(monkeypatch):
+    monkeypatch.setattr(_compat, "EXIT_WITHOUT_TEARDOWN", False)
+    assert _mold.exit_without_teardown(SystemExit(0)) is None
+
+
 # -- end to end ------------------------------------------------------------------------------
 MOLD_CONFIG = ["import safe_gthread", "safe_gthread.configure(mold=True)"]
 _FORKED = re.compile(r"worker (\d+) forked from mold (\d+)")
@@ -539,6 +595,79 @@ def test_workers_forked_from_the_mold(gunicorn_server, tmp_path, monkeypatch):
     server.signal(signal.SIGTERM)
     server.wait_exit(30)
     server.wait_for(lambda: not _group(arbiter), 10, "every process of the group to exit")
+
+
+_EXITING = '''import atexit
+import os
+import threading
+import time
+
+NOTES = os.environ["EXIT_NOTES"]
+
+
+# Bound as defaults: the interpreter's teardown clears modules and builtins.
+def note(text, path=NOTES, getpid=os.getpid, open_=os.open, write=os.write, close=os.close,
+         flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT):
+    fd = open_("%s/%d" % (path, getpid()), flags)
+    write(fd, text.encode() + b"\\n")
+    close(fd)
+
+
+class Finalized(object):
+    def __del__(self, note=note):
+        note("teardown")
+
+
+kept = Finalized()
+atexit.register(note, "atexit")
+
+
+def app(environ, start_response):
+    # Work a non-daemon thread finishes after the response: the worker's exit waits.
+    threading.Thread(target=lambda: (time.sleep(0.2), note("thread")), daemon=False).start()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+@pytest.mark.parametrize("mold", [True, False], ids=["mold", "control"])
+def test_a_forked_worker_exits_without_the_teardown(gunicorn_server, tmp_path, monkeypatch,
+                                                    mold):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    monkeypatch.setenv("EXIT_NOTES", str(notes))
+    source = tmp_path / "exiting.py"
+    source.write_text(_EXITING)
+    hook = ["def worker_exit(server, worker):",
+            "    import os",
+            "    fd = os.open(os.path.join(os.environ['EXIT_NOTES'], str(os.getpid())),",
+            "                 os.O_WRONLY | os.O_APPEND | os.O_CREAT)",
+            "    os.write(fd, b'worker_exit\\n')",
+            "    os.close(fd)"]
+    server = gunicorn_server("safe", app="exiting:app", files=[str(source)], max_requests=4,
+                             workers=1, config=(MOLD_CONFIG if mold else []) + hook)
+    first = server.worker_pids()
+    assert _failed_requests(server, 4) == 0
+    exited = [int(pid) for pid in first]
+    server.wait_for(lambda: all((notes / str(pid)).exists() and "atexit" in
+                                (notes / str(pid)).read_text() for pid in exited) and
+                    all(_state_of(pid)[0] is None for pid in exited), 15,
+                    "the first worker to exit and be reaped")
+    time.sleep(0.5)  # a teardown, if any, is over by now
+    steps = (notes / str(exited[0])).read_text().split()
+    # gunicorn's hook, then Python's exit steps in order: the requests' threads joined
+    # (the last one's finishes after the hook), atexit; the teardown (a module global's
+    # finalizer) only without the mold.
+    assert steps[-1 if mold else -2] == "atexit", steps
+    assert max(i for i, step in enumerate(steps) if step == "thread") > \
+        steps.index("worker_exit"), steps
+    assert [step for step in steps if step != "thread"] == \
+        ["worker_exit", "atexit"] + ([] if mold else ["teardown"]), steps
+    assert server.serves()
+    log = server.errorlog()
+    assert server.tracebacks() == 0 and not re.search(r"\[ERROR\]", log), log
+    assert "exited with code" not in log, log
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
