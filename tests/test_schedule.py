@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from safe_gthread import _patch, _schedule, _worker
+from safe_gthread import _mold, _patch, _schedule, _worker
 from safe_gthread.check import load as _load, procs as _procs
 from versions import STOCK_WORKERS_UNLINK
 
@@ -439,11 +439,27 @@ def _worker_rss(pid):
         return 0
 
 
-def test_memory_limit_holds_for_a_leaking_app(gunicorn_server, monkeypatch):
+#: The triggers hold for workers forked from the mold too (docs/mold.md).
+WITH_AND_WITHOUT_MOLD = pytest.mark.parametrize("mold", [
+    False, pytest.param(True, marks=pytest.mark.skipif(
+        _mold.unsupported() is not None, reason="the mold is refused here"))],
+    ids=["", "mold"])
+
+
+def _forked_from_mold(server, mold):
+    """Successors forked from the mold (its DEBUG line): as many as restarts with it, none
+    without."""
+    forked = len(re.findall(r"worker \d+ forked from mold \d+", server.errorlog()))
+    return forked >= server.restarts() if mold else forked == 0
+
+
+@WITH_AND_WITHOUT_MOLD
+def test_memory_limit_holds_for_a_leaking_app(gunicorn_server, monkeypatch, mold):
     limit = 96 * 1024 * 1024
     monkeypatch.setenv("SAFE_GTHREAD_APP_LEAK", str(256 * 1024))
     monkeypatch.setenv("SAFE_GTHREAD_MAX_WORKER_MEMORY", "96M")
-    server = gunicorn_server("safe", workers=2, threads=4, keepalive=5)
+    monkeypatch.setenv("SAFE_GTHREAD_MOLD", "1" if mold else "0")
+    server = gunicorn_server("safe", workers=2, threads=4, keepalive=5, loglevel="debug")
     most, stop = [0], threading.Event()
 
     def sample():
@@ -466,17 +482,21 @@ def test_memory_limit_holds_for_a_leaking_app(gunicorn_server, monkeypatch):
     assert most[0] <= 1.25 * limit, (most[0] / 1048576.0, server.errorlog())
     assert "reason: max_worker_memory" in server.errorlog(), server.log()
     assert "max_worker_memory=96M" in server.errorlog(), server.log()
+    assert _forked_from_mold(server, mold), server.errorlog()
 
 
-def test_lifetime_retires_workers_without_loss(gunicorn_server, monkeypatch):
+@WITH_AND_WITHOUT_MOLD
+def test_lifetime_retires_workers_without_loss(gunicorn_server, monkeypatch, mold):
     monkeypatch.setenv("SAFE_GTHREAD_MAX_WORKER_LIFETIME", "3")
-    server = gunicorn_server("safe", workers=2, threads=2, keepalive=5)
+    monkeypatch.setenv("SAFE_GTHREAD_MOLD", "1" if mold else "0")
+    server = gunicorn_server("safe", workers=2, threads=2, keepalive=5, loglevel="debug")
     result = _load.run_load(server.sock_path, seconds=90, concurrency=4, keepalive_share=0.5,
                             stop=lambda: server.restarts() >= 3)
     assert server.restarts() >= 3, (result.as_dict(), server.log())
     assert result.failed == 0, (result.as_dict(), server.log())
     assert len(re.findall(r"reason: max_worker_lifetime", server.errorlog())) >= 2, server.log()
     assert len(server.worker_pids()) <= 3
+    assert _forked_from_mold(server, mold), server.errorlog()
 
 
 def test_ttou_is_not_replaced(gunicorn_server):
