@@ -29,7 +29,10 @@ Workloads:
 Every side prints its restarts and requests per restart (like for like: a side that
 restarts less often is not cheaper per restart for it), and every run samples its
 workers' USS (Private_Clean + Private_Dirty) and PSS from /proc/PID/smaps_rollup near
-the end of the load, and the whole server's PSS (arbiter, mold, workers).
+the end of the load, and the whole server's PSS (arbiter, mold, workers). Where a
+restart's CPU goes is measured per worker, which the machine's load hardly moves:
+hooks in each run's config record the worker's own CPU (getrusage) at its fork, when
+ready and at ``worker_exit``, and the arbiter's ``wait4`` its total when reaped.
 
     python3 benchmarks/mold.py report --venv .matrix/gunicorn27.0.1-py3.13 --pairs 5
     python3 benchmarks/mold.py slow-import --venv .bench/gunicorn27.0.1-py3.13 --pairs 5
@@ -67,6 +70,43 @@ WORKLOADS = {
     "slow-import": {"settings": dict(_churn.GOODPUT), "max_requests": 600, "jitter": 60,
                     "connections": 32, "env": {"SAFE_GTHREAD_APP_SLEEP": "0.02"}},
 }
+#: Appended to every run's config: each worker's own CPU (getrusage) when forked, when
+#: ready and at ``worker_exit``, and in the arbiter its whole CPU when reaped (``wait4``
+#: in place of ``os.waitpid``): one JSON line each, read into the "stages" table.
+_STAGES_CONFIG = '''
+import json as _json, os as _os, resource as _resource
+_STAGES = %r
+
+
+def _stage(name, pid=None, usage=None, requests=None):
+    usage = usage or _resource.getrusage(_resource.RUSAGE_SELF)
+    with open(_STAGES, "a") as fh:
+        fh.write(_json.dumps({"stage": name, "pid": pid or _os.getpid(), "requests": requests,
+                              "cpu": usage.ru_utime + usage.ru_stime,
+                              "faults": usage.ru_minflt}) + "\\n")
+
+
+def post_fork(server, worker):
+    _stage("forked")
+
+
+def post_worker_init(worker):
+    _stage("ready")
+
+
+def worker_exit(server, worker):
+    _stage("exiting", requests=getattr(worker, "nr", None))
+
+
+def _reaping(pid, options, _wait4=_os.wait4):
+    reaped, status, usage = _wait4(pid, options)
+    if reaped:
+        _stage("reaped", reaped, usage)
+    return reaped, status
+
+
+_os.waitpid = _reaping
+'''
 _HANDOFF = re.compile(r"worker \d+ ready ([\d.]+)s after worker \d+ asked \(max_requests\)")
 _MOLD_READY = re.compile(r"mold (\d+) ready")
 
@@ -105,6 +145,25 @@ def memory(arbiter, molds):
     return {"workers": workers, "mold": mold, "total_pss": total}
 
 
+def worker_stages(path):
+    """Per worker that was forked, got ready, exited and was reaped during the run: CPU
+    seconds from its fork to ready, ready to ``worker_exit``, and ``worker_exit`` to
+    reaped (the rest of its exit), requests it served, page faults in its exit."""
+    seen = {}
+    try:
+        with open(path) as fh:
+            for line in fh:
+                row = json.loads(line)
+                seen.setdefault(row["pid"], {})[row["stage"]] = row
+    except (OSError, ValueError):
+        return []
+    return [{"start": s["ready"]["cpu"], "serving": s["exiting"]["cpu"] - s["ready"]["cpu"],
+             "exit": s["reaped"]["cpu"] - s["exiting"]["cpu"],
+             "requests": s["exiting"]["requests"],
+             "exit_faults": s["reaped"]["faults"] - s["exiting"]["faults"]}
+            for s in seen.values() if all(k in s for k in ("ready", "exiting", "reaped"))]
+
+
 def _wrk(proxy, seconds, connections):
     """wrk through the proxy, with its latency distribution: ok, failed, seconds, p99 (s)."""
     cmd = ["wrk", "-t2", "-c%d" % connections, "-d%ds" % max(int(round(seconds)), 1),
@@ -137,9 +196,11 @@ def measure(spec):
         settings["preload_app"] = True  # the floor the issue quotes: no import per restart
     server = Gunicorn(directory, "stock" if spec["side"] in ("stock", "preload") else "safe",
                       **settings)
-    if spec["side"] == "mold":
-        with open(server.config_path, "a") as fh:
+    stages = os.path.join(directory, "stages.jsonl")
+    with open(server.config_path, "a") as fh:
+        if spec["side"] == "mold":
             fh.write("import safe_gthread\nsafe_gthread.configure(mold=True)\n")
+        fh.write(_STAGES_CONFIG % stages)
     proxy = None
     try:
         server.start(timeout=90)
@@ -170,7 +231,7 @@ def measure(spec):
             errors=len(re.findall(r"\[ERROR\]", log)),
             handoffs=[float(x) for x in _HANDOFF.findall(log)],
             forked=len(re.findall(r"forked from mold", log)),
-            memory=sample)
+            memory=sample, stages=worker_stages(stages))
         return figures
     finally:
         if proxy is not None:
@@ -200,6 +261,12 @@ def _mib(values):
 
 def _cpu(fig):
     return _churn.cpu_per_1000(fig)
+
+
+def _whole(values):
+    """Counts: median [min-max]."""
+    values = sorted(values)
+    return "%d [%d-%d]" % (_run.median(values), values[0], values[-1]) if values else "-"
 
 
 def _ratios(churn, steady, key):
@@ -234,7 +301,7 @@ def bench(args, python, env):
                       _mib(uss), mem.get("total_pss", 0) / 1048576.0, fig["errors"]),
                   flush=True)
     mr = workload["max_requests"]
-    rows, memory_rows = [], []
+    rows, memory_rows, stage_rows = [], [], []
     for side in args.sides:
         churn, steady = figs[(side, mr)], figs[(side, 0)]
         handoffs = [1000.0 * h for f in churn for h in f["handoffs"]]
@@ -254,6 +321,15 @@ def bench(args, python, env):
                 _run.median(handoffs), handoffs[int(0.9 * (len(handoffs) - 1))], handoffs[0],
                 handoffs[-1], len(handoffs)) if handoffs else "-"),
             sum(f["failed"] + f["proxy_errors"] for f in churn + steady)))
+        workers = [w for f in churn for w in f.get("stages", ())]
+        if workers:
+            def ms(key):
+                return _churn.spread([1000.0 * w[key] for w in workers])
+            stage_rows.append((
+                side, len(workers), ms("start"),
+                _churn.spread([1e6 * w["serving"] / w["requests"] for w in workers
+                               if w["requests"]]),
+                ms("exit"), _whole(w["exit_faults"] for w in workers)))
         for label, runs_ in (("churn", churn), ("no restart", steady)):
             workers = [w for f in runs_ for w in f["memory"].get("workers", ())]
             molds = [f["memory"]["mold"] for f in runs_ if f["memory"].get("mold")]
@@ -275,6 +351,13 @@ def bench(args, python, env):
     print()
     _run.print_table(("side", "run", "worker USS MiB", "worker PSS MiB", "mold PSS MiB",
                       "server PSS MiB (arbiter + mold + workers)"), memory_rows)
+    if stage_rows:
+        print()
+        print("Each worker's own CPU under churn (getrusage at its hooks; wait4 when reaped):")
+        print()
+        _run.print_table(("side", "workers", "fork to ready, ms", "serving, us per request",
+                          "worker_exit to reaped, ms", "page faults in that exit"),
+                         stage_rows)
 
 
 def main():
