@@ -301,6 +301,7 @@ class Mold(object):
     def run(self):
         self.pid = os.getpid()
         log = getattr(self.arbiter, "log", None) or _log
+        ending = None
         try:
             self._prepare()
             if not self._load(log):
@@ -321,18 +322,22 @@ class Mold(object):
                         return
         except BaseException as exc:
             if os.getpid() != self.pid:
-                # A worker forked from here ends as gunicorn ends it (``sys.exit``), as
-                # Python ends it, without the interpreter's teardown.
-                if isinstance(exc, SystemExit):
-                    exit_without_teardown(exc)
-                raise
-            try:
-                log.error("safe-gthread: mold %s failed", self.pid, exc_info=True)
-            except Exception:
-                pass
+                # A worker forked from here ends as gunicorn ends it (``sys.exit``).
+                if not isinstance(exc, SystemExit) or not _compat.EXIT_WITHOUT_TEARDOWN:
+                    raise
+                ending = exc
+            else:
+                try:
+                    log.error("safe-gthread: mold %s failed", self.pid, exc_info=True)
+                except Exception:
+                    pass
         finally:
             if os.getpid() == self.pid:
                 os._exit(0)  # never 3 or 4: gunicorn <= 19.x halts on those from any child
+        # A worker, out of the except clause: an error in its atexit handlers is shown as
+        # Python's own exit shows it, not as raised while handling the SystemExit.
+        exit_without_teardown(ending)
+        raise ending
 
     def _prepare(self):
         _patch.forked()  # Python 3.6: close what the arbiter holds
@@ -554,7 +559,7 @@ def exit_without_teardown(exc):
             pass
     try:
         run_atexit()
-    except BaseException:  # 3.6 - 3.7 re-raise the last handler's error, already shown
+    except BaseException:  # 3.6 - 3.9 re-raise the last handler's error, already shown
         pass
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -446,7 +446,7 @@ def test_a_spawn_worker_of_another_shape_is_refused(monkeypatch):
 _EXIT = '''import atexit, os, sys, threading, time
 from safe_gthread import _mold
 
-notes, code, how = sys.argv[1], sys.argv[2], sys.argv[3]
+notes, code, how, failing = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 
 
 def note(text, os=os, notes=notes):  # bound: the teardown clears modules and builtins
@@ -460,32 +460,46 @@ class Finalized(object):
         note("teardown")
 
 
+def fail():
+    raise RuntimeError("an atexit handler fails")
+
+
 kept = Finalized()
 atexit.register(note, "atexit")
+if failing:
+    atexit.register(fail)  # runs first (last in, first out); the others run all the same
 threading.Thread(target=lambda: (time.sleep(0.3), note("thread"))).start()
 sys.stdout.write("buffered")  # a pipe: block-buffered until the exit flushes it
+ending = None
 try:
     sys.exit(None if code == "none" else int(code) if code.lstrip("-").isdigit() else code)
 except SystemExit as exc:
-    if how == "ours":
-        _mold.exit_without_teardown(exc)
-    raise
+    if how == "python":
+        raise
+    ending = exc
+_mold.exit_without_teardown(ending)  # as the mold calls it: out of the except clause
 '''
 
 
-@pytest.mark.parametrize("code", ["0", "3", "4", "-1", "none", "a message"])
-def test_exit_without_teardown_is_python_exit_but_the_teardown(tmp_path, code):
+@pytest.mark.parametrize("code, failing", [("0", False), ("3", False), ("4", False),
+                                           ("-1", False), ("none", False),
+                                           ("a message", False), ("0", True), ("3", True)])
+def test_exit_without_teardown_is_python_exit_but_the_teardown(tmp_path, code, failing):
     script = tmp_path / "exits.py"
     script.write_text(_EXIT)
     ran = {}
     for how in ("python", "ours"):
         notes = tmp_path / how
-        proc = subprocess.run([sys.executable, str(script), str(notes), code, how],
+        proc = subprocess.run([sys.executable, str(script), str(notes), code, how,
+                               "1" if failing else "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
                               env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-        ran[how] = (proc.returncode, proc.stdout, proc.stderr, notes.read_text().split())
-    # The same status, output and exit steps (the thread joined, then atexit)...
+        stderr = re.sub(rb" at 0x[0-9a-f]+", b"", proc.stderr)  # the function's address
+        ran[how] = (proc.returncode, proc.stdout, stderr, notes.read_text().split())
+    # The same status, output (a failing handler's traceback once) and exit steps (the
+    # thread joined, then atexit)...
     assert ran["ours"][:3] == ran["python"][:3]
+    assert (b"an atexit handler fails" in ran["python"][2]) == failing
     assert ran["python"][1] == b"buffered"
     assert ran["python"][3][:2] == ran["ours"][3] == ["thread", "atexit"], ran
     # ...but no teardown: the control shows the finalizer Python's own exit runs.
