@@ -47,7 +47,8 @@ CPU = {"workers": 5, "threads": 5, "keepalive": 2, "graceful_timeout": 10, "time
 
 # -- inside a version's venv -------------------------------------------------------------
 def cpu_seconds(arbiter):
-    """utime + stime of the arbiter, its reaped children and its live children."""
+    """utime + stime of the arbiter, its reaped children and its live children, with what
+    the live children reaped of their own (the mold's middle processes)."""
     from safe_gthread.check import procs as _procs
     tick = float(os.sysconf("SC_CLK_TCK"))
 
@@ -64,7 +65,7 @@ def cpu_seconds(arbiter):
     for pid in _procs.children(arbiter):
         try:
             kid = fields(pid)
-            total += (int(kid[11]) + int(kid[12])) / tick
+            total += sum(int(kid[i]) for i in (11, 12, 13, 14)) / tick
         except (OSError, IndexError):
             pass
     return total
