@@ -1040,6 +1040,8 @@ def test_user_and_group_drop_privileges_in_forked_workers(gunicorn_server):
     assert _failed_requests(server, 60) == 0, server.log()
     server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 20,
                     "restarts forked from the mold")
+    # At max_requests 10 both workers may be between a retirement and its successor.
+    server.wait_for(lambda: len(server.worker_pids()) == 2, 10, "both workers to serve")
     workers = server.worker_pids()
     assert workers and all(_uid(pid) == nobody.pw_uid for pid in workers), server.log()
     assert set(workers) <= set(int(pid) for pid, _ in _FORKED.findall(server.errorlog()))
