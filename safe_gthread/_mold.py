@@ -323,7 +323,7 @@ class Mold(object):
         except BaseException as exc:
             if os.getpid() != self.pid:
                 # A worker forked from here ends as gunicorn ends it (``sys.exit``).
-                if not isinstance(exc, SystemExit) or not _compat.EXIT_WITHOUT_TEARDOWN:
+                if not isinstance(exc, SystemExit):
                     raise
                 ending = exc
             else:
@@ -335,7 +335,8 @@ class Mold(object):
             if os.getpid() == self.pid:
                 os._exit(0)  # never 3 or 4: gunicorn <= 19.x halts on those from any child
         # A worker, out of the except clause: an error in its atexit handlers is shown as
-        # Python's own exit shows it, not as raised while handling the SystemExit.
+        # Python's own exit shows it, not as raised while handling the SystemExit. Where
+        # Python lacks the exit steps, the SystemExit goes on as gunicorn raised it.
         exit_without_teardown(ending)
         raise ending
 
