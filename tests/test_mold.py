@@ -992,10 +992,14 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
 
 
 def _uid(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("Uid:"):
-                return int(line.split()[2])  # the effective uid
+    """The effective uid of ``pid``, or None once it has exited."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except FileNotFoundError:
+        return None
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
@@ -1040,10 +1044,14 @@ def test_user_and_group_drop_privileges_in_forked_workers(gunicorn_server):
     assert _failed_requests(server, 60) == 0, server.log()
     server.wait_for(lambda: len(_FORKED.findall(server.errorlog())) >= 4, 20,
                     "restarts forked from the mold")
-    # At max_requests 10 both workers may be between a retirement and its successor.
-    server.wait_for(lambda: len(server.worker_pids()) == 2, 10, "both workers to serve")
+    # At max_requests 10 both workers may be between a retirement and its successor, and
+    # gunicorn logs "Booting worker" before the worker drops privileges (init_process):
+    # wait for two workers that both run as nobody. Were they never to drop, this times out.
+    def both_serve_as_nobody():
+        workers = server.worker_pids()
+        return len(workers) == 2 and all(_uid(pid) == nobody.pw_uid for pid in workers)
+    server.wait_for(both_serve_as_nobody, 10, "both workers to run as nobody")
     workers = server.worker_pids()
-    assert workers and all(_uid(pid) == nobody.pw_uid for pid in workers), server.log()
     assert set(workers) <= set(int(pid) for pid, _ in _FORKED.findall(server.errorlog()))
     assert server.tracebacks() == 0, server.log()
     assert not re.search(r"\[ERROR\]", server.errorlog()), server.log()
