@@ -8,6 +8,7 @@ gunicorn and says so in one WARNING line (``warn_unrecognised``): never an excep
 the arbiter. ``tests/test_compat.py`` pins what each matrix cell must detect.
 """
 import atexit
+import gc
 import inspect
 import logging
 import platform
@@ -209,6 +210,11 @@ STATSD_TIMER_TYPE = _statsd_timer_type()
 #: exits through the interpreter's full teardown.
 EXIT_STEPS = (getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None))
 EXIT_WITHOUT_TEARDOWN = all(callable(step) for step in EXIT_STEPS)
+
+#: ``gc.freeze()`` (Python >= 3.7): the objects alive now move to a generation the cyclic
+#: collector no longer visits, so a forked worker's collections leave the pages it shares
+#: with the mold unwritten. None before 3.7.
+GC_FREEZE = getattr(gc, "freeze", None)
 
 _warned = _patch.Once()
 

@@ -37,6 +37,7 @@ arbiter (``_patch``: one ERROR with the traceback), the same way.
 """
 import array
 import errno
+import gc
 import json
 import logging
 import os
@@ -403,6 +404,9 @@ class Mold(object):
                         "workers forked from the mold do not have them: start them in "
                         "post_fork or on first use (see the mold's documentation)",
                         self.pid, len(others), ", ".join(sorted(others)[:5]))
+        # What the import left as garbage goes now, once, not in every worker; the rest is
+        # frozen before each fork (_ChildFork.fork).
+        gc.collect()
         send(self.sock, "ready", {"pid": self.pid, "took": time.monotonic() - started})
         return True
 
@@ -467,6 +471,10 @@ class _ChildFork(object):
         self.real_cfg = real_cfg
 
     def fork(self):
+        if _compat.GC_FREEZE:
+            # Right before the fork, as the gc module's documentation advises: the worker's
+            # collections then never write to the objects it shares with the mold.
+            _compat.GC_FREEZE()
         read_end, write_end = os.pipe()
         middle = os.fork()
         if middle == 0:

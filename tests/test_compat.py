@@ -1,6 +1,7 @@
 """What _compat must detect on each gunicorn of the matrix (attrs-style: the flags are
 computed from gunicorn itself; these version facts pin them)."""
 import atexit
+import sys
 import threading
 
 import pytest
@@ -52,6 +53,15 @@ def test_python_exit_steps_callable_on_every_cell():
     # CPython 3.6 - 3.13 have both: the mold's workers exit through them (no teardown).
     assert _compat.EXIT_WITHOUT_TEARDOWN
     assert _compat.EXIT_STEPS == (threading._shutdown, atexit._run_exitfuncs)
+
+
+def test_gc_freeze_from_python_3_7():
+    # The mold freezes the app's objects before each fork where Python can (3.7+).
+    import gc
+    if sys.version_info >= (3, 7):
+        assert _compat.GC_FREEZE is gc.freeze
+    else:
+        assert _compat.GC_FREEZE is None
 
 
 def test_worker_takes_the_branch_for_this_generation():

@@ -697,6 +697,48 @@ def test_a_forked_worker_exits_without_the_teardown(gunicorn_server, tmp_path, m
     assert "exited with code" not in log, log
 
 
+_FROZEN = """import gc
+
+IMPORTED = ["made at import"]  # a list: always tracked by the cyclic collector
+FROZEN_AT_IMPORT = gc.get_freeze_count()  # not 0 everywhere: 3.12 freezes its startup's
+
+
+def app(environ, start_response):
+    visited = any(obj is IMPORTED for obj in gc.get_objects())
+    frozen_since = gc.get_freeze_count() - FROZEN_AT_IMPORT
+    body = ("%d %s" % (frozen_since, "visited" if visited else "frozen")).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
+@pytest.mark.skipif(not _compat.GC_FREEZE, reason="gc.freeze() is Python >= 3.7")
+@pytest.mark.parametrize("mold", [True, False], ids=["mold", "control"])
+def test_the_app_imported_in_the_mold_is_frozen_in_its_workers(gunicorn_server, tmp_path, mold):
+    """A worker forked from the mold never visits the objects the app made at import in
+    its cyclic collections (``gc.freeze()`` before the fork): they stay on pages shared
+    with the mold. The control (the safe worker without the mold) imports the app itself,
+    and its collector visits them."""
+    source = tmp_path / "frozen.py"
+    source.write_text(_FROZEN)
+    server = gunicorn_server("safe", app="frozen:app", files=[str(source)], max_requests=3,
+                             config=MOLD_CONFIG if mold else [])
+    # Across restarts: the first workers and successors forked from the mold.
+    answers = set(body for body in _versions(server, 12))
+    server.wait_for(lambda: server.restarts() >= 2, 10, "two restarts")
+    answers |= set(_versions(server, 6))
+    assert all(isinstance(body, bytes) for body in answers), (answers, server.log())
+    counts = set(int(body.split()[0]) for body in answers)  # frozen since the import
+    states = set(body.split()[1] for body in answers)
+    if mold:
+        assert states == {b"frozen"} and min(counts) > 0, (answers, server.log())
+    else:
+        assert states == {b"visited"} and counts == {0}, (answers, server.log())
+    assert server.tracebacks() == 0, server.log()
+
+
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())
 def test_a_killed_mold_is_replaced(gunicorn_server, monkeypatch):
     monkeypatch.setenv("SAFE_GTHREAD_APP_BOOT_SLEEP", "0.5")
