@@ -25,6 +25,10 @@ Workloads:
   long after a worker asked to retire its successor was ready (the safe worker's debug
   line "worker N ready X s after worker M asked"; not defined for the stock worker,
   which forks a successor only once the old one has exited).
+- ``freeze``: no server. What one full collection of the cyclic garbage collector costs
+  in a process forked from a heap of ``--objects`` small lists, with the heap
+  ``gc.freeze()``-d before the fork (as the mold does) and without: CPU, page faults,
+  and how much of the shared heap it made private.
 
 Every side prints its restarts and requests per restart (like for like: a side that
 restarts less often is not cheaper per restart for it), and every run samples its
@@ -36,6 +40,7 @@ ready and at ``worker_exit``, and the arbiter's ``wait4`` its total when reaped.
 
     python3 benchmarks/mold.py report --venv .matrix/gunicorn27.0.1-py3.13 --pairs 5
     python3 benchmarks/mold.py slow-import --venv .bench/gunicorn27.0.1-py3.13 --pairs 5
+    python3 benchmarks/mold.py freeze --venv .matrix/gunicorn27.0.1-py3.13 --pairs 3
 
 ``--venv`` runs this tree from an existing venv with gunicorn installed (PYTHONPATH, no
 install into it); without it, ``--version`` names a venv under .bench/ that
@@ -240,6 +245,68 @@ def measure(spec):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def full_collection_in_a_fork(objects, freeze):
+    """A heap of ``objects`` small lists (an app's modules, models and caches, in miniature),
+    collected, optionally ``gc.freeze()``-d as the mold does before each fork; then, in a
+    forked child, one full collection: its CPU, its page faults and how much of the shared
+    heap it made private (USS before and after)."""
+    import gc
+    import resource
+    if freeze and not hasattr(gc, "freeze"):
+        raise SystemExit("gc.freeze() is Python >= 3.7; this is %s" % sys.version.split()[0])
+    heap = [[i, str(i)] for i in range(objects)]
+    gc.collect()
+    if freeze:
+        gc.freeze()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        before = smaps(os.getpid())[0]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.process_time()
+        gc.collect()
+        took = time.process_time() - started
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - usage.ru_minflt
+        os.write(write_end, json.dumps({"cpu": took, "faults": faults,
+                                        "private": smaps(os.getpid())[0] - before}).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        figures = json.loads(fh.read())
+    os.waitpid(pid, 0)
+    figures["heap"] = len(heap)
+    return figures
+
+
+def bench_freeze(args, python, env):
+    """``freeze``: what one full collection in a worker costs, with and without the mold's
+    ``gc.freeze()``, in paired runs (alternating order)."""
+    figs = {True: [], False: []}
+    for pair in range(args.pairs):
+        for freeze in ((True, False) if pair % 2 == 0 else (False, True)):
+            proc = subprocess.run(
+                [python, os.path.abspath(__file__), "--freeze", json.dumps(
+                    {"objects": args.objects, "freeze": freeze})],
+                stdout=subprocess.PIPE, universal_newlines=True, check=True, timeout=600,
+                env=dict(os.environ, **env))
+            fig = json.loads(proc.stdout.strip().splitlines()[-1])
+            figs[freeze].append(fig)
+            print("  pair %d %s: full collection %.1f ms CPU, %d page faults, %.1f MiB made "
+                  "private" % (pair + 1, "frozen" if freeze else "not frozen",
+                               1000 * fig["cpu"], fig["faults"], fig["private"] / 1048576.0),
+                  flush=True)
+    print()
+    print("One full collection in a process forked from a heap of %d small lists, %d pairs:"
+          % (args.objects, args.pairs))
+    print()
+    _run.print_table(
+        ("heap before the fork", "collection CPU, ms", "page faults", "MiB made private"),
+        [("gc.freeze() (the mold)" if freeze else "not frozen",
+          _churn.spread([1000 * f["cpu"] for f in figs[freeze]]),
+          _whole(f["faults"] for f in figs[freeze]),
+          _mib([f["private"] for f in figs[freeze]])) for freeze in (True, False)])
+
+
 # -- the driver -------------------------------------------------------------------------------
 def run_one(python, spec, env):
     proc = subprocess.run([python, os.path.abspath(__file__), "--measure", json.dumps(spec)],
@@ -364,8 +431,12 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         print(json.dumps(measure(json.loads(sys.argv[2]))))
         return
+    if len(sys.argv) == 3 and sys.argv[1] == "--freeze":
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(full_collection_in_a_fork(spec["objects"], spec["freeze"])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=sorted(WORKLOADS))
+    parser.add_argument("what", choices=sorted(WORKLOADS) + ["freeze"])
     parser.add_argument("--venv", default=None,
                         help="an existing venv with gunicorn: runs this tree (PYTHONPATH)")
     parser.add_argument("--version", default="27.0.1:3.13",
@@ -375,6 +446,8 @@ def main():
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--boot", type=float, default=1.5, help="slow-import: import seconds")
+    parser.add_argument("--objects", type=int, default=300000,
+                        help="freeze: the heap's small lists (about 150 bytes each)")
     args = parser.parse_args()
     args.tmp = os.path.join(_run.BENCH_DIR, "tmp")
     os.makedirs(args.tmp, exist_ok=True)
@@ -387,7 +460,7 @@ def main():
     print("python3 benchmarks/mold.py %s (%s, %s)" % (" ".join(sys.argv[1:]), python,
                                                       time.strftime("%Y-%m-%d %H:%M UTC",
                                                                     time.gmtime())))
-    bench(args, python, env)
+    (bench_freeze if args.what == "freeze" else bench)(args, python, env)
 
 
 if __name__ == "__main__":
