@@ -405,7 +405,7 @@ class Mold(object):
                         "post_fork or on first use (see the mold's documentation)",
                         self.pid, len(others), ", ".join(sorted(others)[:5]))
         # What the import left as garbage goes now, once, not in every worker; the rest is
-        # frozen before each fork (_ChildFork.fork).
+        # frozen before each spawn (_spawn).
         gc.collect()
         send(self.sock, "ready", {"pid": self.pid, "took": time.monotonic() - started})
         return True
@@ -437,6 +437,14 @@ class Mold(object):
         arbiter.worker_class = build
         arbiter.cfg = quiet_cfg
         gunicorn_arbiter.os = _OsWithFork(child.fork)
+        if _compat.GC_FREEZE:
+            # Before the fork, as the gc module's documentation advises: the worker's
+            # collections then never write to the objects it shares with the mold. Not
+            # what this spawn builds (the worker object): the mold drops it after the
+            # fork, and frozen it could never be collected. Nor what earlier spawns left:
+            # the collection visits only what was made since the last freeze.
+            gc.collect()
+            _compat.GC_FREEZE()
         try:
             pid = self.spawn(arbiter)
         except Exception as exc:
@@ -471,10 +479,6 @@ class _ChildFork(object):
         self.real_cfg = real_cfg
 
     def fork(self):
-        if _compat.GC_FREEZE:
-            # Right before the fork, as the gc module's documentation advises: the worker's
-            # collections then never write to the objects it shares with the mold.
-            _compat.GC_FREEZE()
         read_end, write_end = os.pipe()
         middle = os.fork()
         if middle == 0:
