@@ -12,6 +12,7 @@ import gc
 import inspect
 import logging
 import platform
+import sysconfig
 import threading
 
 import gunicorn
@@ -213,8 +214,10 @@ EXIT_WITHOUT_TEARDOWN = all(callable(step) for step in EXIT_STEPS)
 
 #: ``gc.freeze()`` (Python >= 3.7): the objects alive now move to a generation the cyclic
 #: collector no longer visits, so a forked worker's collections leave the pages it shares
-#: with the mold unwritten. None before 3.7.
-GC_FREEZE = getattr(gc, "freeze", None)
+#: with the mold unwritten. None before 3.7, and on a free-threaded build (3.13t), whose
+#: freeze and collections visit the whole heap: the mold would pay that at every spawn.
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+GC_FREEZE = None if FREE_THREADED else getattr(gc, "freeze", None)
 
 _warned = _patch.Once()
 

@@ -58,6 +58,7 @@ def test_python_exit_steps_callable_on_every_cell():
 def test_gc_freeze_from_python_3_7():
     # The mold freezes the app's objects before each fork where Python can (3.7+).
     import gc
+    assert not _compat.FREE_THREADED  # no cell runs a free-threaded build
     if sys.version_info >= (3, 7):
         assert _compat.GC_FREEZE is gc.freeze
     else:
