@@ -416,6 +416,14 @@ class Mold(object):
             send(self.sock, "error", {"cause": "expected 2 descriptors, got %d" % len(fds)})
             return
         tmp_fd, go_fd = fds
+        if _compat.GC_FREEZE:
+            # Before the fork, as the gc module's documentation advises: the worker's
+            # collections then never write to the objects it shares with the mold. Not
+            # what this spawn builds (the worker object): the mold drops it after the
+            # fork, and frozen it could never be collected. Nor what earlier spawns left:
+            # the collection visits only what was made since the last freeze.
+            gc.collect()
+            _compat.GC_FREEZE()
         arbiter = self.arbiter
         real_class, real_cfg = arbiter.worker_class, arbiter.cfg
         quiet_cfg = _NoPreFork(real_cfg)
@@ -437,14 +445,6 @@ class Mold(object):
         arbiter.worker_class = build
         arbiter.cfg = quiet_cfg
         gunicorn_arbiter.os = _OsWithFork(child.fork)
-        if _compat.GC_FREEZE:
-            # Before the fork, as the gc module's documentation advises: the worker's
-            # collections then never write to the objects it shares with the mold. Not
-            # what this spawn builds (the worker object): the mold drops it after the
-            # fork, and frozen it could never be collected. Nor what earlier spawns left:
-            # the collection visits only what was made since the last freeze.
-            gc.collect()
-            _compat.GC_FREEZE()
         try:
             pid = self.spawn(arbiter)
         except Exception as exc:
