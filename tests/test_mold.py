@@ -762,7 +762,12 @@ def test_what_a_spawn_leaves_behind_is_collected_not_frozen(gunicorn_server, tmp
     server = gunicorn_server("safe", app="frozen:app", max_requests=2, workers=1,
                              loglevel="debug",
                              files=[str(tmp_path / "frozen.py"), str(tmp_path / "cyclic.py")],
-                             config=MOLD_CONFIG + ['worker_class = "cyclic.CyclicWorker"'])
+                             config=MOLD_CONFIG + [
+                                 # gunicorn 19.x loads the worker class before it puts its
+                                 # directory on sys.path.
+                                 "import os, sys",
+                                 "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))",
+                                 'worker_class = "cyclic.CyclicWorker"'])
     counts = []
     for _ in range(30):  # about 15 spawns
         status, _, body = _load.request(server.address, timeout=5.0)
