@@ -43,9 +43,7 @@ from safe_gthread.check.runner import Gunicorn
 
 def arbiter_state(pid):
     fds = len(os.listdir("/proc/%d/fd" % pid))
-    with open("/proc/%d/status" % pid) as fh:
-        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-    return fds, rss
+    return fds, int(_procs.status_field(pid, "VmRSS")[0])
 
 
 def settled_state(pid, workers, timeout=30.0):

@@ -206,6 +206,16 @@ def test_unequal_restart_rates_are_called_out():
     assert "requests per restart" in check._table(report)
 
 
+def test_status_fields_of_a_live_and_a_gone_process():
+    uid, euid = os.getuid(), os.geteuid()
+    assert [int(v) for v in _procs.status_field(os.getpid(), "Uid")[:2]] == [uid, euid]
+    assert _procs.status_field(os.getpid(), "NoSuchField") is None
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()  # reaped: its /proc entry is gone
+    assert _procs.status_field(child.pid, "Uid") is None
+    assert _procs.caught_signals(child.pid) is None
+
+
 # -- Ctrl-C ---------------------------------------------------------------------------------
 
 def _processes():

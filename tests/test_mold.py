@@ -1076,13 +1076,8 @@ def test_usr2_then_int_with_the_mold(gunicorn_server):
 
 def _uid(pid):
     """The effective uid of ``pid``, or None once it has exited."""
-    try:
-        with open("/proc/%d/status" % pid) as fh:
-            for line in fh:
-                if line.startswith("Uid:"):
-                    return int(line.split()[2])
-    except FileNotFoundError:
-        return None
+    uids = _procs.status_field(pid, "Uid")
+    return None if uids is None else int(uids[1])
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="the mold is refused here: %s" % _mold.unsupported())

@@ -42,18 +42,28 @@ def children(ppid):
     return sorted(pid for pid, parent, _, _ in live_processes() if parent == ppid)
 
 
-def caught_signals(pid):
-    """The set of signal numbers ``pid`` has handlers for (``SigCgt`` in /proc), or None
-    when it is gone."""
+def status_field(pid, name):
+    """The values of field ``name`` in /proc/PID/status (``Uid``: real, effective, saved,
+    filesystem), or None when ``pid`` is gone or has no such field."""
+    prefix = name + ":"
     try:
         with open("/proc/%d/status" % pid) as fh:
             for line in fh:
-                if line.startswith("SigCgt:"):
-                    mask = int(line.split()[1], 16)
-                    return {n + 1 for n in range(64) if mask >> n & 1}
+                if line.startswith(prefix):
+                    return line.split()[1:]
     except OSError:
         return None
     return None
+
+
+def caught_signals(pid):
+    """The set of signal numbers ``pid`` has handlers for (``SigCgt`` in /proc), or None
+    when it is gone."""
+    values = status_field(pid, "SigCgt")
+    if values is None:
+        return None
+    mask = int(values[0], 16)
+    return {n + 1 for n in range(64) if mask >> n & 1}
 
 
 def group_alive(proc, pgid):
