@@ -274,7 +274,7 @@ def full_collection_in_a_fork(objects, freeze):
     with os.fdopen(read_end) as fh:
         figures = json.loads(fh.read())
     os.waitpid(pid, 0)
-    figures["heap"] = len(heap)
+    del heap  # alive until the child has collected
     return figures
 
 
@@ -284,12 +284,8 @@ def bench_freeze(args, python, env):
     figs = {True: [], False: []}
     for pair in range(args.pairs):
         for freeze in ((True, False) if pair % 2 == 0 else (False, True)):
-            proc = subprocess.run(
-                [python, os.path.abspath(__file__), "--freeze", json.dumps(
-                    {"objects": args.objects, "freeze": freeze})],
-                stdout=subprocess.PIPE, universal_newlines=True, check=True, timeout=600,
-                env=dict(os.environ, **env))
-            fig = json.loads(proc.stdout.strip().splitlines()[-1])
+            fig = run_one(python, {"tmp": args.tmp, "objects": args.objects, "freeze": freeze},
+                          env, "--freeze", timeout=600)
             figs[freeze].append(fig)
             print("  pair %d %s: full collection %.1f ms CPU, %d page faults, %.1f MiB made "
                   "private" % (pair + 1, "frozen" if freeze else "not frozen",
@@ -308,11 +304,14 @@ def bench_freeze(args, python, env):
 
 
 # -- the driver -------------------------------------------------------------------------------
-def run_one(python, spec, env):
-    proc = subprocess.run([python, os.path.abspath(__file__), "--measure", json.dumps(spec)],
+def run_one(python, spec, env, what="--measure", timeout=None):
+    """This file in the venv's Python (``--measure`` a server run, ``--freeze`` a
+    collection): the JSON line it prints last."""
+    proc = subprocess.run([python, os.path.abspath(__file__), what, json.dumps(spec)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, cwd=spec["tmp"],
-                          timeout=spec["seconds"] * 4 + 240, env=dict(os.environ, **env))
+                          timeout=timeout or spec["seconds"] * 4 + 240,
+                          env=dict(os.environ, **env))
     if proc.returncode != 0:
         raise RuntimeError("measurement failed: %s\n%s" % (spec, proc.stderr[-4000:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
