@@ -405,7 +405,7 @@ class Mold(object):
                         "post_fork or on first use (see the mold's documentation)",
                         self.pid, len(others), ", ".join(sorted(others)[:5]))
         # What the import left as garbage goes now, once, not in every worker; the rest is
-        # frozen before each spawn (_spawn).
+        # frozen before each spawn (_spawn), where Python can.
         gc.collect()
         send(self.sock, "ready", {"pid": self.pid, "took": time.monotonic() - started})
         return True
