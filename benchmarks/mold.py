@@ -34,9 +34,13 @@ Every side prints its restarts and requests per restart (like for like: a side t
 restarts less often is not cheaper per restart for it), and every run samples its
 workers' USS (Private_Clean + Private_Dirty) and PSS from /proc/PID/smaps_rollup near
 the end of the load, and the whole server's PSS (arbiter, mold, workers). Where a
-restart's CPU goes is measured per worker, which the machine's load hardly moves:
-hooks in each run's config record the worker's own CPU (getrusage) at its fork, when
-ready and at ``worker_exit``, and the arbiter's ``wait4`` its total when reaped.
+restart's CPU goes is measured per worker: hooks in each run's config record the
+worker's own CPU (getrusage) at its fork, when ready, after WARM requests, at its limit
+and at ``worker_exit``, and the arbiter's ``wait4`` its total when reaped. So the table
+splits a worker's CPU by its age: its start, its warm-up (its first WARM requests over
+its own rate from there to its limit), that rate, the requests it served after its limit
+(while it retires) over that rate, and its exit. Beside it, each side's CPU per restart:
+the medians' CPU per request, churn - no restart, x requests per restart.
 
     python3 benchmarks/mold.py report --venv .matrix/gunicorn27.0.1-py3.13 --pairs 5
     python3 benchmarks/mold.py slow-import --venv .bench/gunicorn27.0.1-py3.13 --pairs 5
@@ -75,12 +79,17 @@ WORKLOADS = {
     "slow-import": {"settings": dict(_churn.GOODPUT), "max_requests": 600, "jitter": 60,
                     "connections": 32, "env": {"SAFE_GTHREAD_APP_SLEEP": "0.02"}},
 }
+#: A fresh worker's first requests cost more than its later ones (cold caches, first
+#: touches of pages shared with the process it was forked from): its "warm-up" is its
+#: first WARM requests, measured against its own rate from there to its limit.
+WARM = 200
 #: Appended to every run's config: each worker's own CPU (getrusage) when forked, when
-#: ready and at ``worker_exit``, and in the arbiter its whole CPU when reaped (``wait4``
-#: in place of ``os.waitpid``): one JSON line each, read into the "stages" table.
+#: ready, after WARM requests, at its limit (``max_requests``) and at ``worker_exit``, and
+#: in the arbiter its whole CPU when reaped (``wait4`` in place of ``os.waitpid``): one
+#: JSON line each, read into the "stages" table.
 _STAGES_CONFIG = '''
-import json as _json, os as _os, resource as _resource
-_STAGES = %r
+import json as _json, os as _os, resource as _resource, sys as _sys, threading as _threading
+_STAGES, _WARM = %r, %d
 
 
 def _stage(name, pid=None, usage=None, requests=None):
@@ -101,6 +110,25 @@ def post_worker_init(worker):
 
 def worker_exit(server, worker):
     _stage("exiting", requests=getattr(worker, "nr", None))
+
+
+_MARKED, _MARK_LOCK = set(), _threading.Lock()
+
+
+def post_request(worker, req, environ, resp):
+    # Its CPU once it has served _WARM requests ("warm") and once it reaches its limit
+    # ("limit"; the safe worker holding past it sets max_requests to sys.maxsize): by age.
+    nr = getattr(worker, "nr", 0)
+    limit = getattr(worker, "max_requests", 0) or 0
+    if limit >= _sys.maxsize:
+        limit = worker.cfg.max_requests
+    for name, at in (("warm", _WARM), ("limit", limit)):
+        if at <= nr and limit > _WARM:
+            with _MARK_LOCK:
+                if name in _MARKED:
+                    continue
+                _MARKED.add(name)
+            _stage(name, requests=nr)
 
 
 def _reaping(pid, options, _wait4=_os.wait4):
@@ -153,7 +181,11 @@ def memory(arbiter, molds):
 def worker_stages(path):
     """Per worker that was forked, got ready, exited and was reaped during the run: CPU
     seconds from its fork to ready, ready to ``worker_exit``, and ``worker_exit`` to
-    reaped (the rest of its exit), requests it served, page faults in its exit."""
+    reaped (the rest of its exit), requests it served, page faults in its exit; and, for
+    a worker that reached its limit, its own rate between WARM requests and the limit
+    (``rate``, CPU seconds per request), what its first WARM requests cost over that
+    rate (``warmup``), and what the requests it served after its limit (``tail``, while
+    it retires) cost over it (``tail_cost``)."""
     seen = {}
     try:
         with open(path) as fh:
@@ -162,11 +194,23 @@ def worker_stages(path):
                 seen.setdefault(row["pid"], {})[row["stage"]] = row
     except (OSError, ValueError):
         return []
-    return [{"start": s["ready"]["cpu"], "serving": s["exiting"]["cpu"] - s["ready"]["cpu"],
-             "exit": s["reaped"]["cpu"] - s["exiting"]["cpu"],
-             "requests": s["exiting"]["requests"],
-             "exit_faults": s["reaped"]["faults"] - s["exiting"]["faults"]}
-            for s in seen.values() if all(k in s for k in ("ready", "exiting", "reaped"))]
+    workers = []
+    for s in seen.values():
+        if not all(k in s for k in ("ready", "exiting", "reaped")):
+            continue
+        worker = {"start": s["ready"]["cpu"], "serving": s["exiting"]["cpu"] - s["ready"]["cpu"],
+                  "exit": s["reaped"]["cpu"] - s["exiting"]["cpu"],
+                  "requests": s["exiting"]["requests"],
+                  "exit_faults": s["reaped"]["faults"] - s["exiting"]["faults"]}
+        warm, limit = s.get("warm"), s.get("limit")
+        if warm and limit and limit["requests"] > warm["requests"]:
+            rate = (limit["cpu"] - warm["cpu"]) / (limit["requests"] - warm["requests"])
+            tail = s["exiting"]["requests"] - limit["requests"]
+            worker.update(rate=rate, tail=tail,
+                          warmup=warm["cpu"] - s["ready"]["cpu"] - warm["requests"] * rate,
+                          tail_cost=s["exiting"]["cpu"] - limit["cpu"] - tail * rate)
+        workers.append(worker)
+    return workers
 
 
 def _wrk(proxy, seconds, connections):
@@ -205,7 +249,7 @@ def measure(spec):
     with open(server.config_path, "a") as fh:
         if spec["side"] == "mold":
             fh.write("import safe_gthread\nsafe_gthread.configure(mold=True)\n")
-        fh.write(_STAGES_CONFIG % stages)
+        fh.write(_STAGES_CONFIG % (stages, WARM))
     proxy = None
     try:
         server.start(timeout=90)
@@ -335,6 +379,17 @@ def _whole(values):
     return "%d [%d-%d]" % (_run.median(values), values[0], values[-1]) if values else "-"
 
 
+def _per_restart_ms(churn, steady):
+    """What a restart adds to the server's CPU: the medians' difference in CPU per request
+    (churn - no restart) x requests per restart."""
+    restarts = sum(f["restarts"] for f in churn)
+    cpu = [_run.median([_cpu(f) for f in runs]) for runs in (churn, steady)]
+    if not restarts or None in cpu:
+        return "-"
+    per_restart = sum(f["ok"] for f in churn) / float(restarts)
+    return "%.0f" % ((cpu[0] - cpu[1]) * per_restart)  # s per 1,000 x requests = ms
+
+
 def _ratios(churn, steady, key):
     return [key(c) / key(s) for c, s in zip(churn, steady)
             if key(c) is not None and key(s)]
@@ -380,6 +435,7 @@ def bench(args, python, env):
             _churn.spread(_ratios(churn, steady, _cpu)),
             "%.3f / %.3f" % (_run.median([_cpu(f) for f in churn]) or 0,
                              _run.median([_cpu(f) for f in steady]) or 0),
+            _per_restart_ms(churn, steady),
             _churn.spread(_ratios(churn, steady, lambda f: f["p99"])),
             "%.0f / %.0f" % (_ms(_run.median([f["p99"] for f in churn])) or 0,
                              _ms(_run.median([f["p99"] for f in steady])) or 0),
@@ -390,11 +446,11 @@ def bench(args, python, env):
         workers = [w for f in churn for w in f.get("stages", ())]
         if workers:
             def ms(key):
-                return _churn.spread([1000.0 * w[key] for w in workers])
+                return _churn.spread([1000.0 * w[key] for w in workers if key in w])
             stage_rows.append((
-                side, len(workers), ms("start"),
-                _churn.spread([1e6 * w["serving"] / w["requests"] for w in workers
-                               if w["requests"]]),
+                side, len(workers), ms("start"), ms("warmup"),
+                _churn.spread([1e6 * w["rate"] for w in workers if "rate" in w]),
+                _whole(w["tail"] for w in workers if "tail" in w), ms("tail_cost"),
                 ms("exit"), _whole(w["exit_faults"] for w in workers)))
         for label, runs_ in (("churn", churn), ("no restart", steady)):
             workers = [w for f in runs_ for w in f["memory"].get("workers", ())]
@@ -411,6 +467,7 @@ def bench(args, python, env):
     _run.print_table(("side", "goodput churn / no-restart", "req/s churn / no-restart",
                       "restarts (churn, all pairs)", "requests per restart",
                       "CPU s/1,000 churn / no-restart", "CPU s/1,000 churn / no-restart (medians)",
+                      "CPU per restart, ms",
                       "p99 churn / no-restart", "p99 ms churn / no-restart (medians)",
                       "successor ready after its request, ms: median, p90 [range] (count)",
                       "failed"), rows)
@@ -421,7 +478,10 @@ def bench(args, python, env):
         print()
         print("Each worker's own CPU under churn (getrusage at its hooks; wait4 when reaped):")
         print()
-        _run.print_table(("side", "workers", "fork to ready, ms", "serving, us per request",
+        _run.print_table(("side", "workers", "fork to ready, ms",
+                          "first %d requests over its rate, ms" % WARM,
+                          "its rate from %d requests to its limit, us per request" % WARM,
+                          "requests after its limit", "those over its rate, ms",
                           "worker_exit to reaped, ms", "page faults in that exit"),
                          stage_rows)
 
