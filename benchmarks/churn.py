@@ -209,10 +209,16 @@ def rate(fig):
     return fig["ok"] / fig["seconds"] if fig["seconds"] else 0.0
 
 
-def per_restart(figs):
+def requests_per_restart(figs):
     """Successful requests per restart over a list of runs (None without restarts)."""
     restarts = sum(f["restarts"] for f in figs)
-    return "%.0f" % (sum(f["ok"] for f in figs) / float(restarts)) if restarts else "-"
+    return sum(f["ok"] for f in figs) / float(restarts) if restarts else None
+
+
+def per_restart(figs):
+    """:func:`requests_per_restart` for a table ("-" without restarts)."""
+    value = requests_per_restart(figs)
+    return "-" if value is None else "%.0f" % value
 
 
 def most_per_life(figs):

@@ -118,12 +118,18 @@ _MARKED, _MARK_LOCK = set(), _threading.Lock()
 def post_request(worker, req, environ, resp):
     # Its CPU once it has served _WARM requests ("warm") and once it reaches its limit
     # ("limit"; the safe worker holding past it sets max_requests to sys.maxsize): by age.
-    nr = getattr(worker, "nr", 0)
+    # Runs on every request of every run, no-restart runs included: returns at once there
+    # and once both are recorded.
+    if len(_MARKED) == 2:
+        return
     limit = getattr(worker, "max_requests", 0) or 0
     if limit >= _sys.maxsize:
         limit = worker.cfg.max_requests
+    if limit <= _WARM:
+        return
+    nr = getattr(worker, "nr", 0)
     for name, at in (("warm", _WARM), ("limit", limit)):
-        if at <= nr and limit > _WARM:
+        if at <= nr:
             with _MARK_LOCK:
                 if name in _MARKED:
                     continue
@@ -379,15 +385,13 @@ def _whole(values):
     return "%d [%d-%d]" % (_run.median(values), values[0], values[-1]) if values else "-"
 
 
-def _per_restart_ms(churn, steady):
-    """What a restart adds to the server's CPU: the medians' difference in CPU per request
-    (churn - no restart) x requests per restart."""
-    restarts = sum(f["restarts"] for f in churn)
-    cpu = [_run.median([_cpu(f) for f in runs]) for runs in (churn, steady)]
-    if not restarts or None in cpu:
+def _per_restart_ms(churn, cpu_churn, cpu_steady):
+    """What a restart adds to the server's CPU: the medians' difference in CPU per 1,000
+    requests (churn - no restart) x requests per restart, in ms."""
+    per_restart = _churn.requests_per_restart(churn)
+    if per_restart is None or cpu_churn is None or cpu_steady is None:
         return "-"
-    per_restart = sum(f["ok"] for f in churn) / float(restarts)
-    return "%.0f" % ((cpu[0] - cpu[1]) * per_restart)  # s per 1,000 x requests = ms
+    return "%.0f" % ((cpu_churn - cpu_steady) * per_restart)  # s per 1,000 x requests = ms
 
 
 def _ratios(churn, steady, key):
@@ -425,6 +429,7 @@ def bench(args, python, env):
     rows, memory_rows, stage_rows = [], [], []
     for side in args.sides:
         churn, steady = figs[(side, mr)], figs[(side, 0)]
+        cpu_churn, cpu_steady = (_run.median([_cpu(f) for f in runs]) for runs in (churn, steady))
         handoffs = [1000.0 * h for f in churn for h in f["handoffs"]]
         handoffs.sort()
         rows.append((
@@ -433,9 +438,8 @@ def bench(args, python, env):
                              _run.median([_churn.rate(f) for f in steady])),
             sum(f["restarts"] for f in churn), _churn.per_restart(churn),
             _churn.spread(_ratios(churn, steady, _cpu)),
-            "%.3f / %.3f" % (_run.median([_cpu(f) for f in churn]) or 0,
-                             _run.median([_cpu(f) for f in steady]) or 0),
-            _per_restart_ms(churn, steady),
+            "%.3f / %.3f" % (cpu_churn or 0, cpu_steady or 0),
+            _per_restart_ms(churn, cpu_churn, cpu_steady),
             _churn.spread(_ratios(churn, steady, lambda f: f["p99"])),
             "%.0f / %.0f" % (_ms(_run.median([f["p99"] for f in churn])) or 0,
                              _ms(_run.median([f["p99"] for f in steady])) or 0),
